@@ -1,0 +1,202 @@
+package iptables
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/portguard/portguard/pkg/hostport"
+)
+
+// Runner is how portguard talks to the kernel's nat tables. Each call is one process.
+type Runner interface {
+	// List reads one chain (`iptables -t nat -S CHAIN`) into t; a missing chain is recorded
+	// in t.Missing, not returned as an error.
+	List(f hostport.Family, chain string, t *Table) error
+	// Save reads the whole nat table (`iptables-save -t nat`); audit and GC only.
+	Save(f hostport.Family, t *Table) error
+	// Restore applies a payload atomically (`iptables-restore --noflush --wait`).
+	Restore(f hostport.Family, payload string) error
+	// Probe checks that the family's iptables works without taking the xtables lock.
+	Probe(f hostport.Family) error
+}
+
+// Exec runs the iptables binaries found on PATH.
+type Exec struct {
+	// WaitSeconds bounds how long iptables-restore waits for the xtables lock.
+	WaitSeconds int
+	processes   atomic.Int64
+}
+
+// Processes is how many iptables processes this runner started.
+func (e *Exec) Processes() int { return int(e.processes.Load()) }
+
+func binary(f hostport.Family, tool string) string {
+	if f == hostport.V6 {
+		return "ip6" + tool
+	}
+	return "ip" + tool
+}
+
+// ErrUnavailable marks a family whose iptables binary is missing or cannot use its table.
+var ErrUnavailable = errors.New("iptables unavailable")
+
+func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string) (string, string, error) {
+	path, err := exec.LookPath(binary(f, tool))
+	if err != nil {
+		return "", "", fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	cmd := exec.Command(path, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	e.processes.Add(1)
+	err = cmd.Run()
+	return out.String(), strings.TrimSpace(errb.String()), err
+}
+
+// missingChain recognises "chain does not exist" in the words of iptables-legacy and
+// iptables-nft (1.8.9 says "incompatible" for a chain it cannot find).
+func missingChain(stderr string) bool {
+	return strings.Contains(stderr, "No chain/target/match by that name") ||
+		strings.Contains(stderr, "does not exist") ||
+		strings.Contains(stderr, "is incompatible, use 'nft' tool")
+}
+
+func (e *Exec) List(f hostport.Family, chain string, t *Table) error {
+	out, stderr, err := e.run(f, "tables", "", "-t", "nat", "-S", chain)
+	if err != nil {
+		if missingChain(stderr) {
+			t.Missing[chain] = true
+			return nil
+		}
+		return fmt.Errorf("%s -t nat -S %s: %v: %s", binary(f, "tables"), chain, err, stderr)
+	}
+	return t.Parse(out)
+}
+
+func (e *Exec) Save(f hostport.Family, t *Table) error {
+	out, stderr, err := e.run(f, "tables-save", "", "-t", "nat")
+	if err != nil {
+		return fmt.Errorf("%s -t nat: %v: %s", binary(f, "tables-save"), err, stderr)
+	}
+	return t.Parse(out)
+}
+
+// RestoreError is a payload that iptables-restore refused; nothing of it was applied.
+type RestoreError struct {
+	Line   int
+	Stderr string
+}
+
+func (r *RestoreError) Error() string { return "iptables-restore: " + r.Stderr }
+
+func (e *Exec) Restore(f hostport.Family, payload string) error {
+	wait := e.WaitSeconds
+	if wait <= 0 {
+		wait = 60
+	}
+	_, stderr, err := e.run(f, "tables-restore", payload, "--noflush", "--wait="+strconv.Itoa(wait))
+	if err != nil {
+		if errors.Is(err, ErrUnavailable) {
+			return err
+		}
+		return &RestoreError{Line: FailedLine(stderr), Stderr: stderr}
+	}
+	return nil
+}
+
+func (e *Exec) Probe(f hostport.Family) error {
+	// Listing one built-in chain without -w takes no xtables lock and reads no full table.
+	_, stderr, err := e.run(f, "tables", "", "-t", "nat", "-S", "POSTROUTING", "1")
+	if err != nil {
+		if errors.Is(err, ErrUnavailable) {
+			return err
+		}
+		return fmt.Errorf("%w: %s -t nat: %s", ErrUnavailable, binary(f, "tables"), stderr)
+	}
+	return nil
+}
+
+// Fake is a recording runner for unit tests: it serves chains from canned tables and
+// records every payload. It can fail chosen restores.
+type Fake struct {
+	mu       sync.Mutex
+	Tables   map[hostport.Family]string // iptables-save style text per family
+	Payloads map[hostport.Family][]string
+	Calls    []string
+	// FailRestore, when set, decides the error of each restore.
+	FailRestore func(f hostport.Family, payload string) error
+	Unusable    map[hostport.Family]bool
+}
+
+func (k *Fake) record(s string) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.Calls = append(k.Calls, s)
+}
+
+func (k *Fake) full(f hostport.Family) (*Table, error) {
+	if k.Unusable[f] {
+		return nil, fmt.Errorf("%w: fake %s", ErrUnavailable, f)
+	}
+	t := NewTable()
+	return t, t.Parse(k.Tables[f])
+}
+
+func (k *Fake) List(f hostport.Family, chain string, t *Table) error {
+	k.record(fmt.Sprintf("list %s %s", f, chain))
+	all, err := k.full(f)
+	if err != nil {
+		return err
+	}
+	c, ok := all.Chains[chain]
+	if !ok {
+		t.Missing[chain] = true
+		return nil
+	}
+	t.chain(chain).Rules = append([]Rule(nil), c.Rules...)
+	return nil
+}
+
+func (k *Fake) Save(f hostport.Family, t *Table) error {
+	k.record(fmt.Sprintf("save %s", f))
+	if k.Unusable[f] {
+		return fmt.Errorf("%w: fake %s", ErrUnavailable, f)
+	}
+	return t.Parse(k.Tables[f])
+}
+
+func (k *Fake) Restore(f hostport.Family, payload string) error {
+	k.record(fmt.Sprintf("restore %s", f))
+	if k.Unusable[f] {
+		return fmt.Errorf("%w: fake %s", ErrUnavailable, f)
+	}
+	if k.FailRestore != nil {
+		if err := k.FailRestore(f, payload); err != nil {
+			return err
+		}
+	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.Payloads == nil {
+		k.Payloads = map[hostport.Family][]string{}
+	}
+	k.Payloads[f] = append(k.Payloads[f], payload)
+	return nil
+}
+
+func (k *Fake) Probe(f hostport.Family) error {
+	k.record(fmt.Sprintf("probe %s", f))
+	if k.Unusable[f] {
+		return fmt.Errorf("%w: fake %s", ErrUnavailable, f)
+	}
+	return nil
+}

@@ -1,0 +1,273 @@
+package state
+
+import (
+	"net/netip"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
+)
+
+// Jump is one rule of CNI-HOSTPORT-DNAT, in kernel order. A jump to a CNI-DN chain with an
+// upstream comment is a claim by its owner on Ports over Proto.
+type Jump struct {
+	Rule   iptables.Rule
+	Index  int // 0-based position in CNI-HOSTPORT-DNAT
+	Owner  hostport.Owner
+	Proto  string
+	Ports  []int
+	Target string
+}
+
+// IsClaim reports whether the jump enters a per-attachment chain.
+func (j Jump) IsClaim() bool { return strings.HasPrefix(j.Target, hostport.ChainPrefix) }
+
+// HasPort reports whether the jump matches the port.
+func (j Jump) HasPort(p int) bool {
+	for _, q := range j.Ports {
+		if q == p {
+			return true
+		}
+	}
+	return false
+}
+
+// Mapping is one host port forwarded by an attachment's chain: its DNAT rule and the
+// mark rules that go with it.
+type Mapping struct {
+	Claim hostport.Claim
+	Dest  netip.AddrPort
+	Rules []iptables.Rule
+}
+
+// Attachment is one per-attachment chain (CNI-DN-...) and the jumps that enter it.
+type Attachment struct {
+	Chain    string
+	Owner    hostport.Owner // from the jump comment; zero when no jump names it
+	Jumps    []Jump
+	Read     bool // the chain's rules were read
+	Exists   bool // the chain exists (known only when Read)
+	Mappings []Mapping
+	Other    []iptables.Rule // rules of the chain that are not a mapping's
+}
+
+// Ports returns the ports the attachment's jumps claim for proto.
+func (a *Attachment) JumpPorts(proto string) []int {
+	var out []int
+	for _, j := range a.Jumps {
+		if j.Proto == proto {
+			out = append(out, j.Ports...)
+		}
+	}
+	return out
+}
+
+// State is what one family's nat table looked like, as far as it was read.
+type State struct {
+	Family      hostport.Family
+	Table       *iptables.Table
+	Jumps       []Jump // every rule of CNI-HOSTPORT-DNAT, in order
+	Attachments map[string]*Attachment
+}
+
+// New interprets a table. Call it again (or Refresh) after reading more chains.
+func New(f hostport.Family, t *iptables.Table) *State {
+	s := &State{Family: f, Table: t}
+	s.Refresh()
+	return s
+}
+
+// Observe reads the named chains (one process each) and interprets them.
+func Observe(r iptables.Runner, f hostport.Family, chains ...string) (*State, error) {
+	s := New(f, iptables.NewTable())
+	return s, s.Read(r, chains...)
+}
+
+// ObserveAll reads the whole nat table with one process (audit, repair, GC).
+func ObserveAll(r iptables.Runner, f hostport.Family) (*State, error) {
+	t := iptables.NewTable()
+	if err := r.Save(f, t); err != nil {
+		return nil, err
+	}
+	return New(f, t), nil
+}
+
+// Read adds chains that were not read yet.
+func (s *State) Read(r iptables.Runner, chains ...string) error {
+	for _, c := range chains {
+		if s.Table.Known(c) {
+			continue
+		}
+		if err := r.List(s.Family, c, s.Table); err != nil {
+			return err
+		}
+	}
+	s.Refresh()
+	return nil
+}
+
+// Refresh rebuilds the model from the table.
+func (s *State) Refresh() {
+	s.Jumps = nil
+	s.Attachments = map[string]*Attachment{}
+	for i, r := range s.Table.Rules(DNATChain) {
+		j := parseJump(r)
+		j.Index = i
+		s.Jumps = append(s.Jumps, j)
+		if j.IsClaim() {
+			a := s.attachment(j.Target)
+			a.Jumps = append(a.Jumps, j)
+			if a.Owner.IsZero() {
+				a.Owner = j.Owner
+			}
+		}
+	}
+	for _, name := range s.Table.Order {
+		if strings.HasPrefix(name, hostport.ChainPrefix) {
+			a := s.attachment(name)
+			a.Read, a.Exists = true, true
+			a.Mappings, a.Other = parseMappings(s.Family, s.Table.Rules(name))
+		}
+	}
+	for name, a := range s.Attachments {
+		if s.Table.Missing[name] {
+			a.Read = true
+		}
+	}
+}
+
+func (s *State) attachment(chain string) *Attachment {
+	a, ok := s.Attachments[chain]
+	if !ok {
+		a = &Attachment{Chain: chain}
+		s.Attachments[chain] = a
+	}
+	return a
+}
+
+// DNATKnown and DNATExists describe CNI-HOSTPORT-DNAT itself.
+func (s *State) DNATKnown() bool  { return s.Table.Known(DNATChain) }
+func (s *State) DNATExists() bool { return s.Table.Has(DNATChain) }
+
+// HasRule reports whether a chain that was read holds a rule equal in meaning to r.
+// Rules are compared after normalising the way iptables prints them.
+func (s *State) HasRule(r iptables.Rule) bool {
+	want := Normalize(r)
+	for _, have := range s.Table.Rules(r.Chain) {
+		if Normalize(have) == want {
+			return true
+		}
+	}
+	return false
+}
+
+// AttachmentsSorted lists attachments by chain name (stable output for reports).
+func (s *State) AttachmentsSorted() []*Attachment {
+	out := make([]*Attachment, 0, len(s.Attachments))
+	for _, a := range s.Attachments {
+		out = append(out, a)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Chain < out[j].Chain })
+	return out
+}
+
+func parseJump(r iptables.Rule) Jump {
+	j := Jump{Rule: r, Target: r.Target(), Proto: r.Value("-p", "--protocol")}
+	if o, ok := hostport.ParseComment(r.Value("--comment")); ok {
+		j.Owner = o
+	}
+	if ports := r.Value("--dports", "--destination-ports", "--dport", "--destination-port"); ports != "" {
+		j.Ports = parsePorts(ports)
+	}
+	return j
+}
+
+// parsePorts reads a multiport list ("8080,9000:9002" ranges expanded).
+func parsePorts(s string) []int {
+	var out []int
+	for _, part := range strings.Split(s, ",") {
+		lo, hi, isRange := strings.Cut(part, ":")
+		a, err := strconv.Atoi(lo)
+		if err != nil {
+			continue
+		}
+		b := a
+		if isRange {
+			if b, err = strconv.Atoi(hi); err != nil || b < a || b-a > 65535 {
+				continue
+			}
+		}
+		for p := a; p <= b; p++ {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func parseAddr(s string) netip.Addr {
+	if s == "" {
+		return netip.Addr{}
+	}
+	if p, err := netip.ParsePrefix(s); err == nil {
+		return p.Addr()
+	}
+	a, _ := netip.ParseAddr(s)
+	return a
+}
+
+type mappingKey struct {
+	proto string
+	ip    netip.Addr
+	port  int
+}
+
+// parseMappings groups a per-attachment chain's rules by (proto, hostIP, port). A mapping
+// exists where a DNAT rule does; mark rules join the DNAT rule with the same key.
+func parseMappings(f hostport.Family, rules []iptables.Rule) ([]Mapping, []iptables.Rule) {
+	var order []mappingKey
+	byKey := map[mappingKey]*Mapping{}
+	var other []iptables.Rule
+	pending := map[mappingKey][]iptables.Rule{}
+	for _, r := range rules {
+		port, err := strconv.Atoi(r.Value("--dport", "--destination-port"))
+		proto := r.Value("-p", "--protocol")
+		if err != nil || proto == "" {
+			other = append(other, r)
+			continue
+		}
+		k := mappingKey{proto: proto, ip: parseAddr(r.Value("-d", "--destination")), port: port}
+		if r.Target() == "DNAT" {
+			dest, err := netip.ParseAddrPort(r.Value("--to-destination"))
+			if err != nil {
+				other = append(other, r)
+				continue
+			}
+			if m, dup := byKey[k]; dup {
+				// A second DNAT for the same key never wins; keep it with the first.
+				m.Rules = append(m.Rules, r)
+				continue
+			}
+			m := &Mapping{Claim: hostport.Claim{Family: f, Proto: proto, HostIP: k.ip, HostPort: port}, Dest: dest}
+			m.Rules = append(pending[k], r)
+			delete(pending, k)
+			byKey[k] = m
+			order = append(order, k)
+			continue
+		}
+		if m, ok := byKey[k]; ok {
+			m.Rules = append(m.Rules, r)
+		} else {
+			pending[k] = append(pending[k], r)
+		}
+	}
+	for _, rs := range pending {
+		other = append(other, rs...)
+	}
+	out := make([]Mapping, 0, len(order))
+	for _, k := range order {
+		out = append(out, *byKey[k])
+	}
+	return out, other
+}
