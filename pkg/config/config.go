@@ -1,0 +1,337 @@
+// Package config parses and validates the network configuration exactly as upstream
+// portmap reads it, plus portguard's own keys. Every error is a CNI error that names the
+// offending field, and nothing reaches an iptables payload without passing through here.
+package config
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
+)
+
+// Conflict policies for a host port already claimed by another owner.
+const (
+	PolicyTakeover = "takeover"
+	PolicyReject   = "reject"
+	PolicyAllow    = "allow"
+)
+
+const (
+	DefaultMarkBit     = 13
+	DefaultLockTimeout = 60 * time.Second
+)
+
+// PortMapEntry is one entry of runtimeConfig.portMappings (CNI conventions).
+type PortMapEntry struct {
+	HostPort      int    `json:"hostPort"`
+	ContainerPort int    `json:"containerPort"`
+	Protocol      string `json:"protocol"`
+	HostIP        string `json:"hostIP,omitempty"`
+}
+
+// NetConf is the JSON the runtime sends on stdin.
+type NetConf struct {
+	types.NetConf
+
+	SNAT                 *bool     `json:"snat,omitempty"`
+	MasqAll              bool      `json:"masqAll,omitempty"`
+	MarkMasqBit          *int      `json:"markMasqBit,omitempty"`
+	ExternalSetMarkChain *string   `json:"externalSetMarkChain,omitempty"`
+	ConditionsV4         *[]string `json:"conditionsV4,omitempty"`
+	ConditionsV6         *[]string `json:"conditionsV6,omitempty"`
+	Backend              *string   `json:"backend,omitempty"`
+	RuntimeConfig        struct {
+		PortMaps []PortMapEntry `json:"portMappings,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
+
+	ConflictPolicy string `json:"conflictPolicy,omitempty"`
+	LogFile        string `json:"logFile,omitempty"`
+	LockTimeout    *int   `json:"lockTimeout,omitempty"`
+}
+
+// Mapping is a validated port mapping.
+type Mapping struct {
+	Proto         string
+	HostPort      int
+	ContainerPort int
+	HostIP        netip.Addr // invalid: any address
+}
+
+// AnyHostIP reports whether the mapping listens on every local address.
+func (m Mapping) AnyHostIP() bool { return !m.HostIP.IsValid() || m.HostIP.IsUnspecified() }
+
+// AppliesTo reports whether the mapping is installed for a family: a specific or
+// unspecified hostIP pins the family (upstream skips a mismatched one).
+func (m Mapping) AppliesTo(f hostport.Family) bool {
+	return !m.HostIP.IsValid() || hostport.Of(m.HostIP) == f
+}
+
+// Config is the validated configuration of one call.
+type Config struct {
+	Raw                  *NetConf
+	Network              string
+	CNIVersion           string
+	SNAT                 bool
+	MasqAll              bool
+	MarkBit              int
+	ExternalSetMarkChain string
+	Conditions           map[hostport.Family][]string
+	Mappings             []Mapping
+	Policy               string
+	LogFile              string
+	LockTimeout          time.Duration
+	PrevResult           *current.Result
+	// PodIPs is the container address per family, taken from prevResult as upstream does.
+	PodIPs map[hostport.Family]netip.Prefix
+}
+
+func invalid(field, format string, a ...any) *types.Error {
+	return types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf("%s: %s", field, fmt.Sprintf(format, a...)), "")
+}
+
+// ValidateContainerID checks CNI_CONTAINERID against the spec's grammar.
+func ValidateContainerID(id string) error {
+	if !hostport.ValidContainerID(id) {
+		return types.NewError(types.ErrInvalidEnvironmentVariables,
+			fmt.Sprintf("CNI_CONTAINERID: %q is not a valid container ID (letters, digits, '_', '.', '-'; starting with a letter or digit)", truncate(id)), "")
+	}
+	return nil
+}
+
+func truncate(s string) string {
+	if len(s) > 80 {
+		return s[:80] + "..."
+	}
+	return s
+}
+
+// Parse reads stdin. ifName is CNI_IFNAME: the pod addresses are the ones prevResult
+// reports on that sandbox interface.
+func Parse(stdin []byte, ifName string) (*Config, error) {
+	raw := &NetConf{}
+	if err := json.Unmarshal(stdin, raw); err != nil {
+		return nil, decodeError(err)
+	}
+	c := &Config{Raw: raw, Network: raw.Name, CNIVersion: raw.CNIVersion, MasqAll: raw.MasqAll,
+		Conditions: map[hostport.Family][]string{}, PodIPs: map[hostport.Family]netip.Prefix{}}
+
+	if !hostport.ValidNetworkName(raw.Name) {
+		return nil, invalid("name", "%q is not a valid network name (letters, digits, '_', '.', '-'; starting with a letter or digit)", truncate(raw.Name))
+	}
+
+	c.SNAT = raw.SNAT == nil || *raw.SNAT
+
+	if raw.MarkMasqBit != nil && raw.ExternalSetMarkChain != nil {
+		return nil, invalid("markMasqBit", "cannot be set together with externalSetMarkChain")
+	}
+	c.MarkBit = DefaultMarkBit
+	if raw.MarkMasqBit != nil {
+		if *raw.MarkMasqBit < 0 || *raw.MarkMasqBit > 31 {
+			return nil, invalid("markMasqBit", "%d is outside 0-31", *raw.MarkMasqBit)
+		}
+		c.MarkBit = *raw.MarkMasqBit
+	}
+	if raw.ExternalSetMarkChain != nil {
+		if !validChain(*raw.ExternalSetMarkChain) {
+			return nil, invalid("externalSetMarkChain", "%q is not a valid iptables chain name", truncate(*raw.ExternalSetMarkChain))
+		}
+		c.ExternalSetMarkChain = *raw.ExternalSetMarkChain
+	}
+
+	if raw.Backend != nil {
+		switch *raw.Backend {
+		case "iptables":
+		case "nftables":
+			return nil, invalid("backend", "nftables is not supported yet; use \"iptables\" or omit the key")
+		default:
+			return nil, invalid("backend", "unknown backend %q (want \"iptables\")", truncate(*raw.Backend))
+		}
+	}
+
+	for _, cond := range []struct {
+		field string
+		f     hostport.Family
+		v     *[]string
+	}{{"conditionsV4", hostport.V4, raw.ConditionsV4}, {"conditionsV6", hostport.V6, raw.ConditionsV6}} {
+		if cond.v == nil {
+			continue
+		}
+		args, err := validConditions(cond.field, *cond.v)
+		if err != nil {
+			return nil, err
+		}
+		c.Conditions[cond.f] = args
+	}
+
+	switch raw.ConflictPolicy {
+	case "", PolicyTakeover:
+		c.Policy = PolicyTakeover
+	case PolicyReject, PolicyAllow:
+		c.Policy = raw.ConflictPolicy
+	default:
+		return nil, invalid("conflictPolicy", "unknown policy %q (want takeover, reject or allow)", truncate(raw.ConflictPolicy))
+	}
+	c.LogFile = raw.LogFile
+	if c.LogFile != "" && !strings.HasPrefix(c.LogFile, "/") {
+		return nil, invalid("logFile", "%q must be an absolute path", truncate(c.LogFile))
+	}
+	c.LockTimeout = DefaultLockTimeout
+	if raw.LockTimeout != nil {
+		if *raw.LockTimeout < 1 || *raw.LockTimeout > 3600 {
+			return nil, invalid("lockTimeout", "%d seconds is outside 1-3600", *raw.LockTimeout)
+		}
+		c.LockTimeout = time.Duration(*raw.LockTimeout) * time.Second
+	}
+
+	maps, err := validMappings(raw.RuntimeConfig.PortMaps)
+	if err != nil {
+		return nil, err
+	}
+	c.Mappings = maps
+
+	if raw.RawPrevResult != nil {
+		if err := version.ParsePrevResult(&raw.NetConf); err != nil {
+			return nil, invalid("prevResult", "%v", err)
+		}
+		res, err := current.NewResultFromResult(raw.PrevResult)
+		if err != nil {
+			return nil, invalid("prevResult", "cannot convert to the current result version: %v", err)
+		}
+		c.PrevResult = res
+		c.PodIPs = podIPs(res, ifName)
+	}
+	return c, nil
+}
+
+// decodeError turns encoding/json's message into a CNI error naming the field.
+func decodeError(err error) error {
+	var te *json.UnmarshalTypeError
+	var se *json.SyntaxError
+	switch {
+	case asErr(err, &te):
+		field := te.Field
+		if field == "" {
+			field = "(top level)"
+		}
+		return invalid(field, "expected %s, got JSON %s", te.Type, te.Value)
+	case asErr(err, &se):
+		return invalid("(config)", "malformed JSON at byte %d: %v", se.Offset, se)
+	}
+	return invalid("(config)", "cannot parse network configuration: %v", err)
+}
+
+func validChain(name string) bool {
+	if name == "" || len(name) > 28 {
+		return false
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+// validConditions accepts iptables match arguments only: no jump or chain command may hide
+// in them, and no byte that could end the restore line.
+func validConditions(field string, conds []string) ([]string, error) {
+	if len(conds) == 0 || (len(conds) == 1 && conds[0] == "") {
+		return nil, nil
+	}
+	if c := conds[0]; c == "" || (c[0] != '-' && c[0] != '!') {
+		return nil, invalid(field, "%q looks like an nftables condition; the iptables backend needs iptables arguments (e.g. \"-d\", \"192.0.2.1\")", truncate(c))
+	}
+	var out []string
+	for i, a := range conds {
+		if err := iptables.CheckArg(a); err != nil || a == "" {
+			return nil, invalid(fmt.Sprintf("%s[%d]", field, i), "empty or contains a control character")
+		}
+		switch a {
+		case "-j", "--jump", "-g", "--goto", "-A", "--append", "-I", "--insert", "-D", "--delete",
+			"-R", "--replace", "-N", "-X", "-F", "-P", "-t", "--table":
+			return nil, invalid(fmt.Sprintf("%s[%d]", field, i), "%q is not a match condition", a)
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+type claimKey struct {
+	proto string
+	ip    netip.Addr
+	port  int
+}
+
+func validMappings(entries []PortMapEntry) ([]Mapping, error) {
+	var out []Mapping
+	seen := map[claimKey]int{}
+	for i, e := range entries {
+		field := fmt.Sprintf("runtimeConfig.portMappings[%d]", i)
+		if e.HostPort < 1 || e.HostPort > 65535 {
+			return nil, invalid(field+".hostPort", "%d is outside 1-65535", e.HostPort)
+		}
+		if e.ContainerPort < 1 || e.ContainerPort > 65535 {
+			return nil, invalid(field+".containerPort", "%d is outside 1-65535", e.ContainerPort)
+		}
+		proto := strings.ToLower(e.Protocol)
+		if proto == "" {
+			proto = "tcp"
+		}
+		if !hostport.Protocols[proto] {
+			return nil, invalid(field+".protocol", "%q is not tcp, udp or sctp", truncate(e.Protocol))
+		}
+		m := Mapping{Proto: proto, HostPort: e.HostPort, ContainerPort: e.ContainerPort}
+		if e.HostIP != "" {
+			ip, err := netip.ParseAddr(e.HostIP)
+			if err != nil || ip.Zone() != "" {
+				return nil, invalid(field+".hostIP", "%q is not an IP address", truncate(e.HostIP))
+			}
+			m.HostIP = ip.Unmap()
+		}
+		k := claimKey{proto, m.HostIP, m.HostPort}
+		if j, dup := seen[k]; dup {
+			if out[j].ContainerPort == m.ContainerPort {
+				continue // an exact repeat changes nothing
+			}
+			return nil, invalid(field, "host port %s/%d is already mapped by entry %d to another container port", proto, m.HostPort, j)
+		}
+		seen[k] = len(out)
+		out = append(out, m)
+	}
+	return out, nil
+}
+
+// podIPs picks, per family, the first address prevResult puts on the sandbox interface
+// ifName (addresses without an interface index count, as upstream counts them).
+func podIPs(res *current.Result, ifName string) map[hostport.Family]netip.Prefix {
+	out := map[hostport.Family]netip.Prefix{}
+	for _, ip := range res.IPs {
+		if ip.Interface != nil {
+			i := *ip.Interface
+			if i >= 0 && i < len(res.Interfaces) && (res.Interfaces[i].Name != ifName || res.Interfaces[i].Sandbox == "") {
+				continue
+			}
+		}
+		addr, ok := netip.AddrFromSlice(ip.Address.IP)
+		if !ok {
+			continue
+		}
+		addr = addr.Unmap()
+		ones, _ := ip.Address.Mask.Size()
+		f := hostport.Of(addr)
+		if _, have := out[f]; have {
+			continue
+		}
+		out[f] = netip.PrefixFrom(addr, ones)
+	}
+	return out
+}

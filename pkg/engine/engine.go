@@ -1,0 +1,326 @@
+// Package engine runs the verbs against the kernel: under the host-wide lock it observes
+// what a verb needs, plans, and applies one iptables-restore payload per family, reading
+// more and planning again when the table turned out different from what it assumed.
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/portguard/portguard/pkg/config"
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/lock"
+	"github.com/portguard/portguard/pkg/plan"
+	"github.com/portguard/portguard/pkg/state"
+)
+
+// Engine carries what every verb needs.
+type Engine struct {
+	Runner      iptables.Runner
+	LockPath    string
+	LockTimeout time.Duration
+	// OnTakeover is told about every claim removed for a new attachment.
+	OnTakeover func(plan.Takeover)
+}
+
+// New returns an engine that runs the real iptables binaries.
+func New(lockTimeout time.Duration) *Engine {
+	return &Engine{
+		Runner:      &iptables.Exec{WaitSeconds: int(lockTimeout / time.Second)},
+		LockPath:    lock.Path(),
+		LockTimeout: lockTimeout,
+	}
+}
+
+func (e *Engine) lock() (*lock.Lock, error) {
+	l, err := lock.Acquire(e.LockPath, e.LockTimeout)
+	if err != nil {
+		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
+	}
+	return l, nil
+}
+
+// maxReplans bounds the read-more-and-plan-again loop (each round reads new chains only).
+const maxReplans = 4
+
+// planWith runs a planner until it needs nothing more.
+func planWith(r iptables.Runner, s *state.State, planner func(*state.State) plan.Result) (plan.Result, error) {
+	for i := 0; ; i++ {
+		res := planner(s)
+		if len(res.Need) == 0 {
+			return res, nil
+		}
+		if i == maxReplans {
+			return res, fmt.Errorf("planning did not settle after reading %v", res.Need)
+		}
+		if err := s.Read(r, res.Need...); err != nil {
+			return res, err
+		}
+	}
+}
+
+// apply renders and applies a transaction; a refused payload is explained by the failing
+// line's purpose.
+func apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
+	if tx.Empty() {
+		return nil
+	}
+	payload, err := tx.Render()
+	if err != nil {
+		return err
+	}
+	err = r.Restore(f, payload)
+	var re *iptables.RestoreError
+	if errors.As(err, &re) {
+		if why := tx.Explain(re.Line); why != "" {
+			return fmt.Errorf("%s (%s)", re.Error(), why)
+		}
+	}
+	return err
+}
+
+// Add installs the attachment in every family the pod has an address in.
+func (e *Engine) Add(c *config.Config, owner hostport.Owner) ([]plan.Takeover, error) {
+	l, err := e.lock()
+	if err != nil {
+		return nil, err
+	}
+	defer l.Release()
+	var all []plan.Takeover
+	for _, f := range hostport.Families {
+		ip, ok := c.PodIPs[f]
+		if !ok {
+			continue
+		}
+		d := plan.DesiredFor(c, owner, f, ip)
+		if len(d.Mappings) == 0 {
+			continue
+		}
+		t, err := e.addFamily(d, c.Policy)
+		all = append(all, t...)
+		if err != nil {
+			return all, err
+		}
+	}
+	return all, nil
+}
+
+func (e *Engine) addFamily(d plan.Desired, policy string) ([]plan.Takeover, error) {
+	// Hot path: read CNI-HOSTPORT-DNAT only, assert the shared chains with -C. If the
+	// assertion fails (or another writer changed the table), read the shared chains and
+	// plan again once.
+	s, err := state.Observe(e.Runner, d.Family, state.DNATChain)
+	if err != nil {
+		return nil, err
+	}
+	if !s.DNATExists() {
+		if err := s.Read(e.Runner, state.SharedChains...); err != nil {
+			return nil, err
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
+		if err != nil {
+			return nil, err
+		}
+		if policy == config.PolicyReject && len(res.Conflicts) > 0 {
+			return nil, rejectError(d, res.Conflicts)
+		}
+		err = apply(e.Runner, d.Family, res.Tx)
+		if err == nil {
+			for _, t := range res.Takeovers {
+				if e.OnTakeover != nil {
+					e.OnTakeover(t)
+				}
+			}
+			return res.Takeovers, nil
+		}
+		var re *iptables.RestoreError
+		if attempt > 0 || !errors.As(err, &re) {
+			return nil, fmt.Errorf("%s: %w", d.Family, err)
+		}
+		if s, err = state.Observe(e.Runner, d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {
+			return nil, err
+		}
+	}
+}
+
+func rejectError(d plan.Desired, cs []plan.Conflict) error {
+	var parts []string
+	for _, c := range cs {
+		parts = append(parts, c.String())
+	}
+	return types.NewError(types.ErrInvalidNetworkConfig,
+		fmt.Sprintf("conflictPolicy reject: host port already claimed: %s", strings.Join(parts, "; ")),
+		"remove the other attachment (CNI DEL or portguardctl repair) or use conflictPolicy takeover")
+}
+
+// Del removes the attachment from every family; it succeeds when there is nothing to
+// remove and when only some families' iptables work.
+func (e *Engine) Del(c *config.Config, owner hostport.Owner) error {
+	l, err := e.lock()
+	if err != nil {
+		return err
+	}
+	defer l.Release()
+	var errs []error
+	usable := 0
+	for _, f := range hostport.Families {
+		err := e.delFamily(c, owner, f)
+		if errors.Is(err, iptables.ErrUnavailable) {
+			continue
+		}
+		usable++
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", f, err))
+		}
+	}
+	if usable == 0 {
+		return fmt.Errorf("neither iptables nor ip6tables is usable")
+	}
+	return errors.Join(errs...)
+}
+
+func (e *Engine) delFamily(c *config.Config, owner hostport.Owner, f hostport.Family) error {
+	chain := hostport.ChainName(owner)
+	_, hasIP := c.PodIPs[f]
+	d := plan.DesiredFor(c, owner, f, c.PodIPs[f])
+	// Common case: the runtime passes the same mappings as on ADD, and the attachment is
+	// exactly as installed: remove it without reading anything.
+	if len(d.Jumps) > 0 && (hasIP || c.PrevResult == nil) {
+		err := apply(e.Runner, f, plan.DelBlind(d))
+		var re *iptables.RestoreError
+		if err == nil || !errors.As(err, &re) {
+			return err
+		}
+	}
+	s, err := state.Observe(e.Runner, f, state.DNATChain)
+	if err != nil {
+		return err
+	}
+	if !s.DNATExists() {
+		return nil
+	}
+	for attempt := 0; ; attempt++ {
+		res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Del(s, chain) })
+		if err != nil {
+			return err
+		}
+		err = apply(e.Runner, f, res.Tx)
+		var re *iptables.RestoreError
+		if err == nil || attempt > 0 || !errors.As(err, &re) {
+			return err
+		}
+		if s, err = state.Observe(e.Runner, f, state.DNATChain, chain); err != nil {
+			return err
+		}
+	}
+}
+
+// Check validates the attachment in the families the pod has addresses in.
+func (e *Engine) Check(c *config.Config, owner hostport.Owner) error {
+	var problems []string
+	for _, f := range hostport.Families {
+		ip, ok := c.PodIPs[f]
+		if !ok {
+			continue
+		}
+		d := plan.DesiredFor(c, owner, f, ip)
+		if len(d.Mappings) == 0 {
+			continue
+		}
+		s, err := state.Observe(e.Runner, f, state.DNATChain)
+		if err != nil {
+			return err
+		}
+		res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Check(s, d) })
+		if err != nil {
+			return err
+		}
+		problems = append(problems, res.Problems...)
+		if res.Tx.Empty() {
+			continue
+		}
+		if err := apply(e.Runner, f, res.Tx); err != nil {
+			var re *iptables.RestoreError
+			if why := res.Tx.Explain(lineOf(err, &re)); why != "" {
+				problems = append(problems, why)
+			} else {
+				problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+			}
+		}
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("CHECK of %s failed: %s", owner, strings.Join(problems, "; "))
+	}
+	return nil
+}
+
+func lineOf(err error, re **iptables.RestoreError) int {
+	if errors.As(err, re) {
+		return (*re).Line
+	}
+	return 0
+}
+
+// GC removes this network's attachments whose container IDs are not in valid. It goes on
+// past errors and reports them all.
+func (e *Engine) GC(network string, valid map[string]bool) ([]hostport.Owner, error) {
+	l, err := e.lock()
+	if err != nil {
+		return nil, err
+	}
+	defer l.Release()
+	var removed []hostport.Owner
+	var errs []error
+	usable := 0
+	for _, f := range hostport.Families {
+		// Ownership lives in the jump comments of CNI-HOSTPORT-DNAT: one read suffices.
+		s, err := state.Observe(e.Runner, f, state.DNATChain)
+		if errors.Is(err, iptables.ErrUnavailable) {
+			continue
+		}
+		usable++
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", f, err))
+			continue
+		}
+		res, gone := plan.GC(s, network, valid)
+		if err := apply(e.Runner, f, res.Tx); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", f, err))
+			continue
+		}
+		removed = append(removed, gone...)
+	}
+	if usable == 0 {
+		errs = append(errs, fmt.Errorf("neither iptables nor ip6tables is usable"))
+	}
+	return removed, errors.Join(errs...)
+}
+
+// Status reports whether iptables works for the families that have it, without taking
+// any lock or reading a table.
+func (e *Engine) Status() error {
+	var errs []string
+	usable := 0
+	for _, f := range hostport.Families {
+		err := e.Runner.Probe(f)
+		switch {
+		case err == nil:
+			usable++
+		case errors.Is(err, iptables.ErrUnavailable) && f == hostport.V6:
+			// An IPv4-only host: fine as long as IPv4 works.
+		default:
+			errs = append(errs, fmt.Sprintf("%s: %v", f, err))
+		}
+	}
+	if usable == 0 || len(errs) > 0 {
+		return types.NewError(types.ErrPluginNotAvailable, "iptables is not usable: "+strings.Join(errs, "; "), "")
+	}
+	return nil
+}

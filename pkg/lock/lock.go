@@ -1,0 +1,67 @@
+// Package lock is the host-wide lock that keeps two portguard processes from interleaving
+// their read-plan-write cycles. It is an flock(2) on a file, so the kernel releases it when
+// the holder dies, even by SIGKILL.
+package lock
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// DefaultPath is where the lock lives unless PORTGUARD_LOCK_FILE says otherwise.
+const DefaultPath = "/run/portguard.lock"
+
+// Path returns the lock file to use.
+func Path() string {
+	if p := os.Getenv("PORTGUARD_LOCK_FILE"); p != "" {
+		return p
+	}
+	return DefaultPath
+}
+
+// ErrTimeout is returned when the lock was not free within the timeout.
+var ErrTimeout = errors.New("timed out waiting for the portguard lock")
+
+// Lock is a held lock.
+type Lock struct{ f *os.File }
+
+// Acquire waits up to timeout for the exclusive lock at path.
+func Acquire(path string, timeout time.Duration) (*Lock, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(timeout)
+	delay := time.Millisecond
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return &Lock{f: f}, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", path, err)
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("%w %s after %s (another portguard call holds it)", ErrTimeout, path, timeout)
+		}
+		time.Sleep(delay)
+		delay = min(delay*2, 20*time.Millisecond)
+	}
+}
+
+// Release unlocks (closing the file drops the flock).
+func (l *Lock) Release() {
+	if l != nil && l.f != nil {
+		l.f.Close()
+		l.f = nil
+	}
+}

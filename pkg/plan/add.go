@@ -1,0 +1,219 @@
+package plan
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/portguard/portguard/pkg/config"
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/state"
+)
+
+// Takeover records one other owner's claims removed so a new attachment can have its port.
+type Takeover struct {
+	Family       string           `json:"family"`
+	From         hostport.Owner   `json:"from"`
+	Chain        string           `json:"chain"`
+	Claims       []hostport.Claim `json:"claims"`
+	Destinations []string         `json:"destinations"`
+	ChainRemoved bool             `json:"chainRemoved"`
+	For          hostport.Owner   `json:"for"`
+}
+
+// Conflict is another owner's mapping that overlaps a wanted claim.
+type Conflict struct {
+	Owner hostport.Owner
+	Chain string
+	Claim hostport.Claim
+	Dest  string
+}
+
+func (c Conflict) String() string {
+	owner := c.Owner.String()
+	if c.Owner.IsZero() {
+		owner = "chain " + c.Chain
+	}
+	return fmt.Sprintf("%s held by %s (-> %s)", c.Claim, owner, c.Dest)
+}
+
+// Result is what a verb's planner produced for one family.
+type Result struct {
+	Tx        *iptables.Tx
+	Need      []string // chains to read before planning again
+	Takeovers []Takeover
+	Conflicts []Conflict
+	Problems  []string // CHECK's findings
+}
+
+// victim is another attachment that loses some or all of its mappings.
+type victim struct {
+	a         *state.Attachment
+	lost      []state.Mapping
+	keep      map[string]bool // "proto/port" still served by a remaining mapping
+	removeAll bool
+}
+
+// Add plans installing d, taking over conflicting claims of other owners unless the
+// policy says otherwise. The state must hold CNI-HOSTPORT-DNAT; the chains of candidate
+// victims are requested through Result.Need when they were not read.
+func Add(s *state.State, d Desired, policy string) Result {
+	if !s.DNATKnown() {
+		return Result{Need: []string{state.DNATChain}}
+	}
+	var res Result
+	victims, need := findVictims(s, d)
+	if len(need) > 0 {
+		return Result{Need: need}
+	}
+	for _, v := range victims {
+		for _, m := range v.lost {
+			for _, c := range d.Claims {
+				if m.Claim.Conflicts(c) {
+					res.Conflicts = append(res.Conflicts, Conflict{Owner: v.a.Owner, Chain: v.a.Chain, Claim: m.Claim, Dest: m.Dest.String()})
+					break
+				}
+			}
+		}
+	}
+	switch policy {
+	case config.PolicyReject:
+		if len(res.Conflicts) > 0 {
+			return res
+		}
+	case config.PolicyAllow:
+		victims = nil
+	}
+
+	tx := &iptables.Tx{}
+	ensureShared(tx, s, d.SNAT, d.ExternalMark, d.MarkBit)
+	dnat := newSim(s.Table.Rules(state.DNATChain))
+	for _, v := range victims {
+		res.Takeovers = append(res.Takeovers, takeOver(tx, dnat, v, d))
+	}
+	if own := s.Attachments[d.Chain]; own != nil {
+		for _, j := range own.Jumps {
+			tx.DeleteRule(j.Rule, "remove the attachment's previous jump")
+			dnat.delete(j.Rule)
+		}
+	}
+	tx.DeclareChain(d.Chain, "(re)create "+d.Chain)
+	for _, r := range d.Rules {
+		tx.AppendRule(r, "rule of "+d.Chain)
+	}
+	// New jumps go first: a fresh claim must win over anything older on its ports.
+	for i, j := range d.Jumps {
+		tx.InsertRule(j, i+1, "jump to "+d.Chain)
+		dnat.insert(j, i+1)
+	}
+	res.Tx = tx
+	return res
+}
+
+func portKey(proto string, port int) string { return proto + "/" + strconv.Itoa(port) }
+
+// findVictims lists other attachments whose jumps touch a wanted (proto, port), reading
+// their mappings to decide what really conflicts.
+func findVictims(s *state.State, d Desired) ([]victim, []string) {
+	var out []victim
+	var need []string
+	for _, a := range s.AttachmentsSorted() {
+		if a.Chain == d.Chain || len(a.Jumps) == 0 || !touches(a, d) {
+			continue
+		}
+		if !a.Read {
+			need = append(need, a.Chain)
+			continue
+		}
+		v := victim{a: a, keep: map[string]bool{}}
+		var remaining int
+		for _, m := range a.Mappings {
+			lost := false
+			for _, c := range d.Claims {
+				if m.Claim.Conflicts(c) {
+					lost = true
+					break
+				}
+			}
+			if lost {
+				v.lost = append(v.lost, m)
+			} else {
+				remaining++
+				v.keep[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
+			}
+		}
+		if len(v.lost) == 0 {
+			continue
+		}
+		v.removeAll = remaining == 0
+		out = append(out, v)
+	}
+	return out, need
+}
+
+func touches(a *state.Attachment, d Desired) bool {
+	for _, j := range a.Jumps {
+		for _, c := range d.Claims {
+			if j.Proto == c.Proto && j.HasPort(c.HostPort) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// takeOver removes v's lost mappings: the whole chain and its jumps when nothing remains,
+// otherwise the mapping rules, and jump rules rewritten to the ports still served (each
+// rewritten jump takes its predecessor's place).
+func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired) Takeover {
+	t := Takeover{Family: d.Family.String(), From: v.a.Owner, Chain: v.a.Chain, For: d.Owner, ChainRemoved: v.removeAll}
+	for _, m := range v.lost {
+		t.Claims = append(t.Claims, m.Claim)
+		t.Destinations = append(t.Destinations, m.Dest.String())
+	}
+	why := fmt.Sprintf("take over %s from %s", v.a.Chain, v.a.Owner)
+	if v.removeAll {
+		for _, j := range v.a.Jumps {
+			tx.DeleteRule(j.Rule, why)
+			dnat.delete(j.Rule)
+		}
+		tx.RemoveChain(v.a.Chain, why)
+		return t
+	}
+	lostPort := map[string]bool{}
+	for _, m := range v.lost {
+		lostPort[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
+		for _, r := range m.Rules {
+			tx.DeleteRule(r, why)
+		}
+	}
+	for _, j := range v.a.Jumps {
+		var ports []string
+		changed := false
+		for _, p := range j.Ports {
+			k := portKey(j.Proto, p)
+			if lostPort[k] && !v.keep[k] {
+				changed = true
+				continue
+			}
+			ports = append(ports, strconv.Itoa(p))
+		}
+		if !changed {
+			continue
+		}
+		if len(ports) > 0 {
+			flag := "--dports"
+			if j.Rule.Value("--dports") == "" {
+				flag = "--destination-ports"
+			}
+			nj := j.Rule.WithValue(flag, strings.Join(ports, ","))
+			pos := dnat.index(j.Rule) + 1
+			tx.InsertRule(nj, pos, why)
+			dnat.insert(nj, pos)
+		}
+		tx.DeleteRule(j.Rule, why)
+		dnat.delete(j.Rule)
+	}
+	return t
+}

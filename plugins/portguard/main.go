@@ -1,0 +1,184 @@
+// Command portguard is a CNI meta plugin that forwards host ports to a pod like upstream
+// portmap (same configuration, same chains), but applies every call as one iptables
+// transaction and never lets a stale claim shadow a new pod. It behaves the same under
+// any file name, so it can be installed as "portmap".
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"log"
+	"os"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
+
+	"github.com/portguard/portguard/pkg/buildinfo"
+	"github.com/portguard/portguard/pkg/config"
+	"github.com/portguard/portguard/pkg/conntrack"
+	"github.com/portguard/portguard/pkg/engine"
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/localnet"
+	"github.com/portguard/portguard/pkg/plan"
+)
+
+func main() {
+	skel.PluginMainFuncs(skel.CNIFuncs{
+		Add:    cmdAdd,
+		Del:    cmdDel,
+		Check:  cmdCheck,
+		GC:     cmdGC,
+		Status: cmdStatus,
+	}, version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"),
+		"portguard "+buildinfo.Version+" (CNI host ports without stale claims)")
+}
+
+// load validates the call's input; nothing is touched before it passes.
+func load(args *skel.CmdArgs) (*config.Config, hostport.Owner, error) {
+	if err := config.ValidateContainerID(args.ContainerID); err != nil {
+		return nil, hostport.Owner{}, err
+	}
+	c, err := config.Parse(args.StdinData, args.IfName)
+	if err != nil {
+		return nil, hostport.Owner{}, err
+	}
+	return c, hostport.Owner{Network: c.Network, ContainerID: args.ContainerID}, nil
+}
+
+func cmdAdd(args *skel.CmdArgs) error {
+	c, owner, err := load(args)
+	if err != nil {
+		return err
+	}
+	if c.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "prevResult: missing; portguard must be chained after a plugin that assigns addresses", "")
+	}
+	if len(c.Mappings) == 0 {
+		return types.PrintResult(c.PrevResult, c.CNIVersion)
+	}
+	e := engine.New(c.LockTimeout)
+	e.OnTakeover = takeoverLogger(c.LogFile)
+	if _, err := e.Add(c, owner); err != nil {
+		return err
+	}
+	if ip, ok := c.PodIPs[hostport.V4]; ok && c.SNAT {
+		if err := localnet.Enable(ip.Addr()); err != nil {
+			return err
+		}
+	}
+	// Flush UDP flows after the rules are in, so new datagrams take the new path.
+	for f := range c.PodIPs {
+		if err := conntrack.FlushUDP(f, udpPorts(c, f)); err != nil {
+			log.Printf("portguard: %v", err)
+		}
+	}
+	return types.PrintResult(c.PrevResult, c.CNIVersion)
+}
+
+func cmdDel(args *skel.CmdArgs) error {
+	c, owner, err := load(args)
+	if err != nil {
+		return err
+	}
+	// Unlike upstream, DEL also runs without portMappings (some runtimes omit them on
+	// DEL): the chain is found by its name, the jumps by reading CNI-HOSTPORT-DNAT.
+	if len(c.Mappings) == 0 && !attachmentMayExist(c) {
+		return nil
+	}
+	if err := engine.New(c.LockTimeout).Del(c, owner); err != nil {
+		return err
+	}
+	for _, f := range hostport.Families {
+		if err := conntrack.FlushUDP(f, udpPorts(c, f)); err != nil {
+			log.Printf("portguard: %v", err)
+		}
+	}
+	return nil
+}
+
+// attachmentMayExist tells an explicit empty portMappings list (CRI runtimes send one for
+// pods without host ports; it must cost no iptables process) from a runtime that sent no
+// runtimeConfig at all on DEL: then the attachment may still have rules, and we look.
+func attachmentMayExist(c *config.Config) bool {
+	return c.Raw.RuntimeConfig.PortMaps == nil
+}
+
+func cmdCheck(args *skel.CmdArgs) error {
+	c, owner, err := load(args)
+	if err != nil {
+		return err
+	}
+	if c.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "prevResult: missing; CHECK needs the result of ADD", "")
+	}
+	if len(c.Mappings) == 0 {
+		return nil
+	}
+	return engine.New(c.LockTimeout).Check(c, owner)
+}
+
+func cmdGC(args *skel.CmdArgs) error {
+	c, err := config.Parse(args.StdinData, args.IfName)
+	if err != nil {
+		return err
+	}
+	valid := map[string]bool{}
+	for _, a := range c.Raw.ValidAttachments {
+		valid[a.ContainerID] = true
+	}
+	removed, err := engine.New(c.LockTimeout).GC(c.Network, valid)
+	for _, o := range removed {
+		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o})
+	}
+	if err != nil {
+		return types.NewError(types.ErrInternal, "GC of network "+c.Network+" incomplete: "+err.Error(), "")
+	}
+	return nil
+}
+
+func cmdStatus(args *skel.CmdArgs) error {
+	c, err := config.Parse(args.StdinData, args.IfName)
+	if err != nil {
+		return err
+	}
+	return engine.New(c.LockTimeout).Status()
+}
+
+func udpPorts(c *config.Config, f hostport.Family) []int {
+	var out []int
+	for _, m := range c.Mappings {
+		if m.Proto == "udp" && m.AppliesTo(f) {
+			out = append(out, m.HostPort)
+		}
+	}
+	return out
+}
+
+func takeoverLogger(file string) func(plan.Takeover) {
+	return func(t plan.Takeover) {
+		logEvent(file, map[string]any{"event": "takeover", "takeover": t})
+	}
+}
+
+// logEvent writes one JSON line to stderr and, when configured, appends it to the log file.
+func logEvent(file string, ev map[string]any) {
+	ev["time"] = time.Now().UTC().Format(time.RFC3339Nano)
+	b, err := json.Marshal(ev)
+	if err != nil {
+		return
+	}
+	b = append(b, '\n')
+	os.Stderr.Write(b)
+	if file == "" {
+		return
+	}
+	f, err := os.OpenFile(file, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "portguard: logFile: %v\n", err)
+		return
+	}
+	defer f.Close()
+	f.Write(b)
+}
