@@ -78,7 +78,7 @@ func apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
 	var re *iptables.RestoreError
 	if errors.As(err, &re) {
 		if why := tx.Explain(re.Line); why != "" {
-			return fmt.Errorf("%s (%s)", re.Error(), why)
+			return fmt.Errorf("%w (%s)", re, why)
 		}
 	}
 	return err
@@ -246,6 +246,7 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) error {
 		if res.Tx.Empty() {
 			continue
 		}
+		// The assertions change nothing; the first one that fails names the problem.
 		if err := apply(e.Runner, f, res.Tx); err != nil {
 			var re *iptables.RestoreError
 			if why := res.Tx.Explain(lineOf(err, &re)); why != "" {

@@ -27,6 +27,22 @@ func (f Family) String() string {
 	return "ipv4"
 }
 
+// MarshalText writes "ipv4" or "ipv6" in JSON reports.
+func (f Family) MarshalText() ([]byte, error) { return []byte(f.String()), nil }
+
+// UnmarshalText reads "ipv4"/"ipv6" (or "4"/"6").
+func (f *Family) UnmarshalText(b []byte) error {
+	switch string(b) {
+	case "ipv4", "4":
+		*f = V4
+	case "ipv6", "6":
+		*f = V6
+	default:
+		return fmt.Errorf("unknown family %q", b)
+	}
+	return nil
+}
+
 // Of returns the family of an address (IPv4-mapped IPv6 counts as IPv4, as iptables sees it).
 func Of(a netip.Addr) Family {
 	if a.Unmap().Is4() {
