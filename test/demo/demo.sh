@@ -143,7 +143,7 @@ start_pod() {
 	NETNSES+=("$ns")
 	ip -n "$ns" link set lo up
 	CACHEFILES+=("/var/lib/cni/results/$NET-$(cid_of "$pod")-eth0")
-	POD_IP=
+	POD_IP= POD_CID=$(cid_of "$pod")
 	cni "$i" "$flavour" add "$pod" || return 1
 	POD_IP=$(ip -n "$ns" -4 -o addr show dev eth0 | awk '{sub("/.*","",$4); print $4; exit}')
 	ip netns exec "$ns" socat TCP-LISTEN:80,fork,reuseaddr EXEC:"echo $name" >/dev/null 2>&1 &
@@ -194,7 +194,7 @@ say "client netns pgd-$RUNID-client1 (192.0.2.2) reaches the node over a veth."
 
 start_pod 1 upstream podA pod-a || { show_err "$RUN/podA.add.err"; die "upstream ADD of pod A failed"; }
 A1_IP=$POD_IP
-step "Pod A ($A1_IP) added with hostPort $HOSTPORT -> 80; socat there answers \"pod-a\"."
+step "Pod A ($A1_IP, container $POD_CID) added with hostPort $HOSTPORT -> 80; socat there answers \"pod-a\"."
 got=$(fetch "pgd-$RUNID-client1" 192.0.2.1 "$HOSTPORT")
 [ "$got" = pod-a ] && ok "client -> 192.0.2.1:$HOSTPORT answers \"$got\"" ||
 	bug "client -> 192.0.2.1:$HOSTPORT: \"${got:-no answer}\" (expected pod-a; the test bed may be broken)"
@@ -204,7 +204,7 @@ kill_pod podA
 
 start_pod 1 upstream podB pod-b || { show_err "$RUN/podB.add.err"; die "upstream ADD of pod B failed"; }
 B1_IP=$POD_IP
-step "Pod B ($B1_IP) added on the same hostPort $HOSTPORT."
+step "Pod B ($B1_IP, container $POD_CID) added on the same hostPort $HOSTPORT."
 
 step "iptables -t nat -nvL CNI-HOSTPORT-DNAT on the node:"
 show_dnat 1
@@ -230,7 +230,7 @@ step "Fresh node netns pgd-$RUNID-node2 and client pgd-$RUNID-client2, same conf
 
 if start_pod 2 portguard podA2 pod-a; then
 	A2_IP=$POD_IP
-	step "Pod A ($A2_IP) added with hostPort $HOSTPORT -> 80."
+	step "Pod A ($A2_IP, container $POD_CID) added with hostPort $HOSTPORT -> 80."
 	client_expect 2 pod-a
 else
 	step "Pod A added with hostPort $HOSTPORT -> 80."
@@ -242,7 +242,7 @@ kill_pod podA2
 
 if start_pod 2 portguard podB2 pod-b; then
 	B2_IP=$POD_IP
-	step "Pod B ($B2_IP) added on hostPort $HOSTPORT; portguard takes over A's stale claim:"
+	step "Pod B ($B2_IP, container $POD_CID) added on hostPort $HOSTPORT; portguard takes over A's stale claim (logFile):"
 	if [ -s "$RUN/portguard.log" ]; then indent <"$RUN/portguard.log"
 	else fail "no takeover line in logFile $RUN/portguard.log"; fi
 else
@@ -283,7 +283,7 @@ else
 fi
 
 if start_pod 1 dropin podC pod-c; then
-	step "Pod C ($POD_IP) added on hostPort $HOSTPORT through portguard; the takeover it reports:"
+	step "Pod C ($POD_IP, container $POD_CID) added on hostPort $HOSTPORT through portguard; it reports (stderr):"
 	if grep -q . "$RUN/podC.add.err"; then head -c 1200 "$RUN/podC.add.err" | indent
 	else fail "portguard reported no takeover on stderr"; fi
 else
