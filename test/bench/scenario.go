@@ -1,0 +1,406 @@
+package main
+
+// One scenario (M foreign rules, N existing attachments) runs in its own node network
+// namespace: this file is the part that runs inside it (started by `ip netns exec`).
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+)
+
+const envInner = "PGB_INNER" // path of the scenarioConfig JSON
+
+type scenarioConfig struct {
+	M, N, Runs      int
+	Ops             map[string]bool
+	Drain, DrainPar int
+	Plugins         []plugin
+	Env             callEnv
+	WorkDir         string
+	ResultFile      string
+}
+
+// opStats aggregates one (plugin, op).
+type opStats struct {
+	Plugin, Op  string
+	Ms          []float64 // timed runs, no shim
+	RSSKiB      int64     // max wait4 ru_maxrss over timed runs
+	Procs       int       // iptables* processes in the counting call
+	ProcsV6     int       // of which ip6tables*
+	ProcMs      float64   // wall time those processes took
+	ChildRSSKiB int64     // largest iptables child
+	CountMs     float64   // duration of the counting call (with the shim)
+	Cmds        []string  // commands of the counting call
+	Failures    int
+	FirstErr    string
+}
+
+type drainStats struct {
+	Plugin           string
+	Attachments, Par int
+	AddMs, DelMs     float64
+	AddFail, DelFail int
+	Installed        int // attachments whose DNAT rules were present after the ADD phase
+	FirstErr         string
+}
+
+type scenarioResult struct {
+	M, N             int
+	ForeignRules     int
+	CNIRules         int
+	SetupMs          float64
+	Ops              []opStats
+	NoMap            []opStats
+	Drain            []drainStats
+	Verified         map[string]string // plugin -> "ok" or what was wrong with ADD/DEL effects
+	StateStable      bool              // nat tables after all runs == after the warm-up round
+	ForeignUntouched bool              // foreign (KUBE-*) lines unchanged from setup to end
+	StateDiff        string
+	Err              string
+}
+
+var ops = []string{"ADD", "CHECK", "DEL"}
+
+func innerMain(cfgPath string) int {
+	b, err := os.ReadFile(cfgPath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench inner:", err)
+		return 2
+	}
+	var cfg scenarioConfig
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "bench inner:", err)
+		return 2
+	}
+	res := runScenario(cfg)
+	out, _ := json.MarshalIndent(res, "", " ")
+	if err := os.WriteFile(cfg.ResultFile, out, 0o644); err != nil {
+		fmt.Fprintln(os.Stderr, "bench inner:", err)
+		return 2
+	}
+	return 0
+}
+
+func logf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "[bench %s] %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, a...))
+}
+
+func run(name string, args ...string) error {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// setupNode brings up lo and a cni0 bridge owning the pod CIDR (so upstream finds the
+// host interface for route_localnet), and loads the nat table with one restore.
+func setupNode(cfg scenarioConfig, res *scenarioResult) error {
+	for _, args := range [][]string{
+		{"link", "set", "lo", "up"},
+		{"link", "add", "cni0", "type", "bridge"},
+		{"addr", "add", "10.244.0.1/16", "dev", "cni0"},
+		{"link", "set", "cni0", "up"},
+	} {
+		if err := run("ip", args...); err != nil {
+			return err
+		}
+	}
+	payload, foreign, cni := natPayload(cfg.M, cfg.N)
+	res.ForeignRules, res.CNIRules = foreign, cni
+	start := time.Now()
+	cmd := exec.Command("iptables-restore", "-w")
+	cmd.Stdin = strings.NewReader(payload)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		os.WriteFile(filepath.Join(cfg.WorkDir, "failed-payload.txt"), []byte(payload), 0o644)
+		return fmt.Errorf("iptables-restore: %v: %s", err, out)
+	}
+	// Make sure the v6 nat table exists, as on any node with ip6tables loaded.
+	if err := run("ip6tables", "-w", "-t", "nat", "-S", "OUTPUT"); err != nil {
+		return err
+	}
+	res.SetupMs = ms(time.Since(start))
+	return nil
+}
+
+// natState returns iptables-save + ip6tables-save of the nat table without comments
+// and counters.
+func natState() (string, error) {
+	var b strings.Builder
+	for _, c := range []string{"iptables-save", "ip6tables-save"} {
+		out, err := exec.Command(c, "-t", "nat").Output()
+		if err != nil {
+			return "", fmt.Errorf("%s: %v", c, err)
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if l == "" || strings.HasPrefix(l, "#") {
+				continue
+			}
+			if strings.HasPrefix(l, ":") {
+				if i := strings.LastIndex(l, " ["); i > 0 {
+					l = l[:i]
+				}
+			}
+			b.WriteString(l)
+			b.WriteByte('\n')
+		}
+	}
+	return b.String(), nil
+}
+
+func foreignLines(state string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(state, "\n") {
+		if strings.Contains(l, "KUBE-") {
+			b.WriteString(l + "\n")
+		}
+	}
+	return b.String()
+}
+
+// diffSummary names the first lines present in only one of a and b.
+func diffSummary(a, b string) string {
+	inA, inB := map[string]bool{}, map[string]bool{}
+	for _, l := range strings.Split(a, "\n") {
+		inA[l] = true
+	}
+	for _, l := range strings.Split(b, "\n") {
+		inB[l] = true
+	}
+	var out []string
+	for _, l := range strings.Split(a, "\n") {
+		if !inB[l] && len(out) < 10 {
+			out = append(out, "- "+l)
+		}
+	}
+	for _, l := range strings.Split(b, "\n") {
+		if !inA[l] && len(out) < 20 {
+			out = append(out, "+ "+l)
+		}
+	}
+	if len(out) == 0 {
+		return "same lines, different order"
+	}
+	return strings.Join(out, "\n")
+}
+
+// installed reports whether attachment a's DNAT rules and jump are in state.
+func installed(state string, a attachment) bool {
+	return strings.Contains(state, fmt.Sprintf("--to-destination %s:%d", a.IP, containerPorts[0])) &&
+		strings.Contains(state, fmt.Sprintf("--to-destination %s:%d", a.IP, containerPorts[1])) &&
+		strings.Contains(state, a.ID)
+}
+
+func runScenario(cfg scenarioConfig) (res scenarioResult) {
+	res.M, res.N = cfg.M, cfg.N
+	res.Verified = map[string]string{}
+	fail := func(err error) scenarioResult { res.Err = err.Error(); return res }
+
+	logf("M=%d N=%d: loading the nat table", cfg.M, cfg.N)
+	if err := setupNode(cfg, &res); err != nil {
+		return fail(err)
+	}
+	logf("M=%d N=%d: %d foreign + %d CNI rules restored in %.0f ms", cfg.M, cfg.N, res.ForeignRules, res.CNIRules, res.SetupMs)
+	snap0, err := natState()
+	if err != nil {
+		return fail(err)
+	}
+
+	timedOps := cfg.Ops["ADD"] || cfg.Ops["CHECK"] || cfg.Ops["DEL"]
+	stats := map[string]*opStats{}
+	nomap := map[string]*opStats{}
+	for _, p := range cfg.Plugins {
+		for _, op := range ops {
+			stats[p.Name+op] = &opStats{Plugin: p.Name, Op: op}
+			nomap[p.Name+op] = &opStats{Plugin: p.Name, Op: op}
+		}
+	}
+	record := func(st *opStats, r callResult, timed bool) {
+		if r.failed() {
+			st.Failures++
+			if st.FirstErr == "" {
+				st.FirstErr = fmt.Sprintf("rc=%d: %s", r.RC, r.Out)
+			}
+		}
+		if timed {
+			st.Ms = append(st.Ms, r.Ms)
+			st.RSSKiB = max(st.RSSKiB, r.RSSKiB)
+			return
+		}
+		st.CountMs = r.Ms
+		st.Procs = len(r.Procs)
+		for _, pr := range r.Procs {
+			if strings.HasPrefix(pr.Name, "ip6") {
+				st.ProcsV6++
+			}
+			st.ProcMs += pr.Ms
+			st.ChildRSSKiB = max(st.ChildRSSKiB, pr.RSSKiB)
+			st.Cmds = append(st.Cmds, fmt.Sprintf("%s %s  (%.1f ms, rc %d)", pr.Name, strings.Join(pr.Args, " "), pr.Ms, pr.RC))
+		}
+	}
+	shimLog := filepath.Join(cfg.WorkDir, fmt.Sprintf("shim-%d-%d.log", cfg.M, cfg.N))
+
+	// Warm-up: one untimed round per plugin, so that the shared chains exist (as on any
+	// node that ran a host-port pod before) and the counting round sees the steady state.
+	if timedOps {
+		for _, p := range cfg.Plugins {
+			a := measureAttachment(p.Name, -1)
+			for _, op := range ops {
+				invoke(p, op, a, cfg.Env, true, "")
+			}
+		}
+	}
+	// Round 0: with the shim on PATH, counting processes and verifying effects.
+	if timedOps {
+		for _, p := range cfg.Plugins {
+			a := measureAttachment(p.Name, 0)
+			r := invoke(p, "ADD", a, cfg.Env, true, shimLog)
+			record(stats[p.Name+"ADD"], r, false)
+			verdict := "ok"
+			if st, err := natState(); err != nil {
+				return fail(err)
+			} else if !installed(st, a) {
+				verdict = "ADD did not install the DNAT rules"
+			}
+			record(stats[p.Name+"CHECK"], invoke(p, "CHECK", a, cfg.Env, true, shimLog), false)
+			record(stats[p.Name+"DEL"], invoke(p, "DEL", a, cfg.Env, true, shimLog), false)
+			if st, err := natState(); err != nil {
+				return fail(err)
+			} else if strings.Contains(st, a.ID) || strings.Contains(st, a.IP.String()+":") {
+				verdict = strings.TrimPrefix(verdict+"; DEL left rules behind", "ok; ")
+			}
+			res.Verified[p.Name] = verdict
+		}
+	}
+	if cfg.Ops["NOMAP"] {
+		for _, p := range cfg.Plugins {
+			a := nomapAttachment(p.Name, 0)
+			for _, op := range ops {
+				record(nomap[p.Name+op], invoke(p, op, a, cfg.Env, false, shimLog), false)
+			}
+		}
+	}
+	snapA, err := natState()
+	if err != nil {
+		return fail(err)
+	}
+
+	// Timed rounds, plugins interleaved; the order alternates between rounds.
+	if timedOps || cfg.Ops["NOMAP"] {
+		logf("M=%d N=%d: %d timed rounds", cfg.M, cfg.N, cfg.Runs)
+	}
+	for round := 1; round <= cfg.Runs && (timedOps || cfg.Ops["NOMAP"]); round++ {
+		order := append([]plugin(nil), cfg.Plugins...)
+		if round%2 == 0 {
+			for i, j := 0, len(order)-1; i < j; i, j = i+1, j-1 {
+				order[i], order[j] = order[j], order[i]
+			}
+		}
+		for _, p := range order {
+			if timedOps {
+				a := measureAttachment(p.Name, round)
+				for _, op := range ops {
+					if op == "CHECK" && !cfg.Ops["CHECK"] {
+						continue
+					}
+					record(stats[p.Name+op], invoke(p, op, a, cfg.Env, true, ""), true)
+				}
+			}
+			if cfg.Ops["NOMAP"] {
+				a := nomapAttachment(p.Name, round)
+				for _, op := range ops {
+					record(nomap[p.Name+op], invoke(p, op, a, cfg.Env, false, ""), true)
+				}
+			}
+		}
+	}
+	for _, p := range cfg.Plugins {
+		for _, op := range ops {
+			if cfg.Ops[op] {
+				res.Ops = append(res.Ops, *stats[p.Name+op])
+			}
+			if cfg.Ops["NOMAP"] {
+				res.NoMap = append(res.NoMap, *nomap[p.Name+op])
+			}
+		}
+	}
+
+	if cfg.Ops["DRAIN"] {
+		for _, p := range cfg.Plugins {
+			logf("M=%d N=%d: drain %d attachments, %d at a time: %s", cfg.M, cfg.N, cfg.Drain, cfg.DrainPar, p.Name)
+			d, err := drain(cfg, p)
+			if err != nil {
+				return fail(err)
+			}
+			res.Drain = append(res.Drain, d)
+		}
+	}
+
+	snapB, err := natState()
+	if err != nil {
+		return fail(err)
+	}
+	res.StateStable = snapA == snapB
+	if !res.StateStable {
+		res.StateDiff = diffSummary(snapA, snapB)
+	}
+	res.ForeignUntouched = foreignLines(snap0) == foreignLines(snapB)
+	if !res.ForeignUntouched && res.StateDiff == "" {
+		res.StateDiff = diffSummary(foreignLines(snap0), foreignLines(snapB))
+	}
+	return res
+}
+
+// drain ADDs cfg.Drain attachments, cfg.DrainPar at a time, then DELs them the same
+// way, timing each phase's wall clock.
+func drain(cfg scenarioConfig, p plugin) (drainStats, error) {
+	d := drainStats{Plugin: p.Name, Attachments: cfg.Drain, Par: cfg.DrainPar}
+	var mu sync.Mutex
+	phase := func(verb string) (float64, int) {
+		jobs := make(chan int)
+		var wg sync.WaitGroup
+		failures := 0
+		start := time.Now()
+		for w := 0; w < cfg.DrainPar; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range jobs {
+					r := invoke(p, verb, drainAttachment(p.Name, i), cfg.Env, true, "")
+					if r.failed() {
+						mu.Lock()
+						failures++
+						if d.FirstErr == "" {
+							d.FirstErr = fmt.Sprintf("%s rc=%d: %s", verb, r.RC, r.Out)
+						}
+						mu.Unlock()
+					}
+				}
+			}()
+		}
+		for i := 0; i < cfg.Drain; i++ {
+			jobs <- i
+		}
+		close(jobs)
+		wg.Wait()
+		return ms(time.Since(start)), failures
+	}
+	d.AddMs, d.AddFail = phase("ADD")
+	st, err := natState()
+	if err != nil {
+		return d, err
+	}
+	for i := 0; i < cfg.Drain; i++ {
+		if installed(st, drainAttachment(p.Name, i)) {
+			d.Installed++
+		}
+	}
+	d.DelMs, d.DelFail = phase("DEL")
+	return d, nil
+}
