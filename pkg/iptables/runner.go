@@ -30,7 +30,9 @@ type Runner interface {
 type Exec struct {
 	// WaitSeconds bounds how long iptables-restore waits for the xtables lock.
 	WaitSeconds int
-	processes   atomic.Int64
+	// Prefix runs each binary through another command, e.g. "ip netns exec NAME" in tests.
+	Prefix    []string
+	processes atomic.Int64
 }
 
 // Processes is how many iptables processes this runner started.
@@ -52,6 +54,9 @@ func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string)
 		return "", "", fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
 	cmd := exec.Command(path, args...)
+	if len(e.Prefix) > 0 {
+		cmd = exec.Command(e.Prefix[0], append(append(e.Prefix[1:len(e.Prefix):len(e.Prefix)], path), args...)...)
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if stdin != "" {

@@ -1,0 +1,114 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/portguard/portguard/pkg/hostport"
+)
+
+const prev = `"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"host0"},{"name":"eth0","sandbox":"/var/run/netns/p"}],
+ "ips":[{"address":"10.1.0.9/24","interface":0},{"address":"10.88.0.5/16","interface":1},{"address":"fd00::5/64","interface":1}]}`
+
+func parse(t *testing.T, body string) (*Config, error) {
+	t.Helper()
+	return Parse([]byte(`{"cniVersion":"1.0.0","name":"net1","type":"portguard",`+body+`}`), "eth0")
+}
+
+func TestDefaultsMatchUpstream(t *testing.T) {
+	c, err := parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"TCP"}]},`+prev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.SNAT || c.MasqAll || c.MarkBit != 13 || c.Policy != PolicyTakeover || c.LockTimeout != DefaultLockTimeout {
+		t.Fatalf("defaults: %+v", c)
+	}
+	if len(c.Mappings) != 1 || c.Mappings[0].Proto != "tcp" {
+		t.Fatalf("protocol not normalised: %+v", c.Mappings)
+	}
+	if got := c.PodIPs[hostport.V4].String(); got != "10.88.0.5/16" {
+		t.Fatalf("pod IPv4 %s: the host-side interface's address must be skipped", got)
+	}
+	if got := c.PodIPs[hostport.V6].String(); got != "fd00::5/64" {
+		t.Fatalf("pod IPv6 %s", got)
+	}
+}
+
+func TestBadInputNamesTheField(t *testing.T) {
+	cases := map[string]string{
+		`"runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80,"protocol":"tcp"}]}`:                      "runtimeConfig.portMappings[0].hostPort",
+		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":0,"protocol":"tcp"}]}`:                          "runtimeConfig.portMappings[0].containerPort",
+		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}`:                        "runtimeConfig.portMappings[0].protocol",
+		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"1.2.3"}]}`:         "runtimeConfig.portMappings[0].hostIP",
+		`"runtimeConfig":{"portMappings":[{"hostPort":"80","containerPort":80,"protocol":"tcp"}]}`:                        "hostPort",
+		`"markMasqBit":32`:                                        "markMasqBit",
+		`"markMasqBit":3,"externalSetMarkChain":"X"`:              "markMasqBit",
+		`"externalSetMarkChain":"A B"`:                            "externalSetMarkChain",
+		`"backend":"nftables"`:                                    "backend",
+		`"conditionsV4":["-d","1.2.3.4","-j","ACCEPT"]`:           "conditionsV4[2]",
+		`"conditionsV4":["-m","comment","--comment","x\nCOMMIT"]`: "conditionsV4[3]",
+		`"conditionsV6":["ip6 saddr ::1"]`:                        "conditionsV6",
+		`"conflictPolicy":"yolo"`:                                 "conflictPolicy",
+		`"lockTimeout":0`:                                         "lockTimeout",
+		`"logFile":"relative.log"`:                                "logFile",
+	}
+	for body, field := range cases {
+		_, err := parse(t, body)
+		var ce *types.Error
+		if !errors.As(err, &ce) {
+			t.Errorf("%s: want a CNI error, got %v", body, err)
+			continue
+		}
+		if ce.Code != types.ErrInvalidNetworkConfig || !strings.Contains(ce.Msg, field) {
+			t.Errorf("%s: got code %d %q, want code %d naming %s", body, ce.Code, ce.Msg, types.ErrInvalidNetworkConfig, field)
+		}
+	}
+}
+
+func TestHostileNamesAndIDs(t *testing.T) {
+	_, err := Parse([]byte(`{"cniVersion":"1.0.0","name":"net\" id: \"x","type":"portguard"}`), "eth0")
+	var ce *types.Error
+	if !errors.As(err, &ce) || !strings.Contains(ce.Msg, "name") {
+		t.Fatalf("hostile network name: %v", err)
+	}
+	for _, id := range []string{"", "-x", "a b", "a\"b", "a\nb", "ab;rm", strings.Repeat("é", 3)} {
+		err := ValidateContainerID(id)
+		if !errors.As(err, &ce) || ce.Code != types.ErrInvalidEnvironmentVariables || !strings.Contains(ce.Msg, "CNI_CONTAINERID") {
+			t.Errorf("container ID %q: %v", id, err)
+		}
+	}
+	if err := ValidateContainerID("0123abc_.-Z"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Parse([]byte(`{"name":`), "eth0"); !errors.As(err, &ce) || ce.Code != types.ErrInvalidNetworkConfig {
+		t.Fatalf("malformed JSON: %v", err)
+	}
+}
+
+func TestDuplicateMappings(t *testing.T) {
+	c, err := parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"},{"hostPort":80,"containerPort":80,"protocol":"tcp"}]}`)
+	if err != nil || len(c.Mappings) != 1 {
+		t.Fatalf("exact repeat: %v %+v", err, c)
+	}
+	if _, err := parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"},{"hostPort":80,"containerPort":81,"protocol":"tcp"}]}`); err == nil {
+		t.Fatal("one host port mapped to two container ports was accepted")
+	}
+	c, err = parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.1"},{"hostPort":80,"containerPort":81,"protocol":"tcp","hostIP":"192.0.2.2"}]}`)
+	if err != nil || len(c.Mappings) != 2 {
+		t.Fatalf("same port on two host IPs: %v", err)
+	}
+}
+
+func TestExplicitEmptyMappingsDifferFromAbsent(t *testing.T) {
+	c, _ := parse(t, `"runtimeConfig":{"portMappings":[]}`)
+	if c.Raw.RuntimeConfig.PortMaps == nil {
+		t.Fatal("explicit empty list read as absent")
+	}
+	c, _ = parse(t, `"snat":false`)
+	if c.Raw.RuntimeConfig.PortMaps != nil || c.SNAT {
+		t.Fatal("absent list read as present, or snat:false ignored")
+	}
+}

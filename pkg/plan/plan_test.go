@@ -1,0 +1,289 @@
+package plan
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/portguard/portguard/pkg/config"
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/state"
+)
+
+// upstream writes one attachment the way upstream portmap leaves it (as iptables -S
+// prints it): hostIP "" means any.
+func upstream(net, id, pod, hostIP string, ports ...int) (chain string, jump string, rules []string) {
+	o := hostport.Owner{Network: net, ContainerID: id}
+	chain = hostport.ChainName(o)
+	var ps []string
+	for _, p := range ports {
+		ps = append(ps, fmt.Sprint(p))
+		d := ""
+		if hostIP != "" {
+			d = "-d " + hostIP + "/32 "
+		}
+		rules = append(rules,
+			fmt.Sprintf("-A %s -s %s/24 %s-p tcp -m tcp --dport %d -j CNI-HOSTPORT-SETMARK", chain, pod, d, p),
+			fmt.Sprintf("-A %s %s-p tcp -m tcp --dport %d -j DNAT --to-destination %s:80", chain, d, p, pod))
+	}
+	jump = fmt.Sprintf(`-A CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"%s\" id: \"%s\"" -m multiport --dports %s -j %s`, net, id, strings.Join(ps, ","), chain)
+	return
+}
+
+// table builds a state whose listed chains were read; chain texts are -S lines.
+func table(t *testing.T, read []string, lines ...string) *state.State {
+	t.Helper()
+	tab := iptables.NewTable()
+	if err := tab.Parse(strings.Join(lines, "\n")); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range read {
+		if !tab.Has(c) {
+			tab.Missing[c] = true
+		}
+	}
+	// Chains that were not asked for are forgotten, like a partial read.
+	for name := range tab.Chains {
+		if !contains(read, name) {
+			delete(tab.Chains, name)
+		}
+	}
+	var order []string
+	for _, n := range tab.Order {
+		if tab.Has(n) {
+			order = append(order, n)
+		}
+	}
+	tab.Order = order
+	return state.New(hostport.V4, tab)
+}
+
+func desired(t *testing.T, id string, mappings string) Desired {
+	t.Helper()
+	c, err := config.Parse([]byte(`{"cniVersion":"1.0.0","name":"net","type":"portguard","runtimeConfig":{"portMappings":[`+mappings+`]}}`), "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return DesiredFor(c, hostport.Owner{Network: "net", ContainerID: id}, hostport.V4, netip.MustParsePrefix("10.88.0.9/16"))
+}
+
+const m8080 = `{"hostPort":8080,"containerPort":80,"protocol":"tcp"}`
+
+func render(t *testing.T, tx *iptables.Tx) string {
+	t.Helper()
+	p, err := tx.Render()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestAddOnFreshNodeCreatesTheSharedLayout(t *testing.T) {
+	s := table(t, append([]string{state.DNATChain}, state.SharedChains...),
+		"-P PREROUTING ACCEPT", "-P OUTPUT ACCEPT", "-P POSTROUTING ACCEPT",
+		"-A POSTROUTING -s 10.88.0.0/16 -j MASQUERADE")
+	d := desired(t, "new", m8080)
+	res := Add(s, d, config.PolicyTakeover)
+	if len(res.Need) > 0 {
+		t.Fatalf("needs %v", res.Need)
+	}
+	p := render(t, res.Tx)
+	for _, want := range []string{
+		":CNI-HOSTPORT-DNAT - [0:0]", ":CNI-HOSTPORT-SETMARK - [0:0]", ":CNI-HOSTPORT-MASQ - [0:0]", ":" + d.Chain + " - [0:0]",
+		"-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
+		"-A OUTPUT -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT",
+		`-I POSTROUTING 1 -m comment --comment "CNI portfwd requiring masquerade" -j CNI-HOSTPORT-MASQ`,
+		"-A CNI-HOSTPORT-SETMARK -m comment --comment \"CNI portfwd masquerade mark\" -j MARK --set-xmark 0x2000/0x2000",
+		"-A " + d.Chain + " -p tcp --dport 8080 -s 10.88.0.0/16 -j CNI-HOSTPORT-SETMARK",
+		"-A " + d.Chain + " -p tcp --dport 8080 -s 127.0.0.1 -j CNI-HOSTPORT-SETMARK",
+		"-A " + d.Chain + " -p tcp --dport 8080 -j DNAT --to-destination 10.88.0.9:80",
+		`-I CNI-HOSTPORT-DNAT 1 -m comment --comment "dnat name: \"net\" id: \"new\"" -m multiport -p tcp --destination-ports 8080 -j ` + d.Chain,
+	} {
+		if !strings.Contains(p, want+"\n") {
+			t.Errorf("payload lacks %q:\n%s", want, p)
+		}
+	}
+	if strings.Contains(p, "-C ") {
+		t.Errorf("fresh node payload asserts instead of creating:\n%s", p)
+	}
+}
+
+func TestAddOnSteadyNodeReadsOneChainAndAssertsTheRest(t *testing.T) {
+	_, jump, _ := upstream("net", "other", "10.88.0.3", "", 9000)
+	s := table(t, []string{state.DNATChain}, "-N CNI-HOSTPORT-DNAT", jump)
+	res := Add(s, desired(t, "new", m8080), config.PolicyTakeover)
+	if len(res.Need) > 0 || len(res.Takeovers) > 0 {
+		t.Fatalf("port 9000 is no conflict for 8080: need %v takeovers %v", res.Need, res.Takeovers)
+	}
+	p := render(t, res.Tx)
+	if strings.Contains(p, ":CNI-HOSTPORT") {
+		t.Fatalf("a shared chain that exists (or was not read) was declared, which would flush it:\n%s", p)
+	}
+	if n := strings.Count(p, "\n-C "); n != 5 {
+		t.Fatalf("want 5 assertions (2 entry jumps, POSTROUTING jump, SETMARK, MASQ), got %d:\n%s", n, p)
+	}
+}
+
+func TestAddTakesOverAStaleClaimWholly(t *testing.T) {
+	chain, jump, rules := upstream("net", "dead", "10.88.0.3", "", 8080)
+	lines := append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, jump}, rules...)
+	d := desired(t, "new", m8080)
+	res := Add(table(t, []string{state.DNATChain}, lines...), d, config.PolicyTakeover)
+	if len(res.Need) != 1 || res.Need[0] != chain {
+		t.Fatalf("the stale chain must be read first, need %v", res.Need)
+	}
+	res = Add(table(t, []string{state.DNATChain, chain}, lines...), d, config.PolicyTakeover)
+	p := render(t, res.Tx)
+	for _, want := range []string{"-D CNI-HOSTPORT-DNAT -p tcp -m comment", "-F " + chain, "-X " + chain} {
+		if !strings.Contains(p, want) {
+			t.Errorf("payload lacks %q:\n%s", want, p)
+		}
+	}
+	if len(res.Takeovers) != 1 || !res.Takeovers[0].ChainRemoved || res.Takeovers[0].From.ContainerID != "dead" || res.Takeovers[0].Destinations[0] != "10.88.0.3:80" {
+		t.Fatalf("takeover report %+v", res.Takeovers)
+	}
+}
+
+func TestAddPartialTakeoverKeepsTheOtherPort(t *testing.T) {
+	chain, jump, rules := upstream("net", "old", "10.88.0.3", "", 8080, 9090)
+	other, ojump, orules := upstream("net", "bystander", "10.88.0.4", "", 7000)
+	lines := append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, "-N " + other, ojump, jump}, append(rules, orules...)...)
+	res := Add(table(t, []string{state.DNATChain, chain, other}, lines...), desired(t, "new", m8080), config.PolicyTakeover)
+	p := render(t, res.Tx)
+	if strings.Contains(p, "-X "+chain) {
+		t.Fatalf("chain still serving 9090 was removed:\n%s", p)
+	}
+	for _, want := range []string{
+		"-D " + chain + " -s 10.88.0.3/24 -p tcp -m tcp --dport 8080 -j CNI-HOSTPORT-SETMARK",
+		"-D " + chain + " -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.88.0.3:80",
+		// the rewritten jump takes the old one's place (2nd, after the bystander)
+		`-I CNI-HOSTPORT-DNAT 2 -p tcp -m comment --comment "dnat name: \"net\" id: \"old\"" -m multiport --dports 9090 -j ` + chain,
+		`-D CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"net\" id: \"old\"" -m multiport --dports 8080,9090 -j ` + chain,
+	} {
+		if !strings.Contains(p, want+"\n") {
+			t.Errorf("payload lacks %q:\n%s", want, p)
+		}
+	}
+	if strings.Contains(p, other) && strings.Contains(p, "-D "+other) {
+		t.Fatalf("bystander touched:\n%s", p)
+	}
+}
+
+func TestConflictRuleForHostIPs(t *testing.T) {
+	chain, jump, rules := upstream("net", "old", "10.88.0.3", "192.0.2.1", 8080)
+	lines := append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, jump}, rules...)
+	read := []string{state.DNATChain, chain}
+	cases := map[string]bool{
+		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.2"}`: false, // other specific IP
+		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.1"}`: true,  // same IP
+		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"0.0.0.0"}`:   true,  // wildcard vs specific
+		m8080: true,
+		`{"hostPort":8080,"containerPort":80,"protocol":"udp"}`: false, // other protocol
+		`{"hostPort":8081,"containerPort":80,"protocol":"tcp"}`: false, // other port
+		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"fd00::1"}`: false, // other family: no v4 claim
+	}
+	for m, conflict := range cases {
+		res := Add(table(t, read, lines...), desired(t, "new", m), config.PolicyTakeover)
+		if got := len(res.Takeovers) > 0; got != conflict {
+			t.Errorf("%s: takeover=%v, want %v", m, got, conflict)
+		}
+	}
+}
+
+func TestRejectAndAllowPolicies(t *testing.T) {
+	chain, jump, rules := upstream("net", "old", "10.88.0.3", "", 8080)
+	lines := append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, jump}, rules...)
+	read := []string{state.DNATChain, chain}
+	res := Add(table(t, read, lines...), desired(t, "new", m8080), config.PolicyReject)
+	if res.Tx != nil || len(res.Conflicts) != 1 || !strings.Contains(res.Conflicts[0].String(), "net/old") || !strings.Contains(res.Conflicts[0].String(), "10.88.0.3:80") {
+		t.Fatalf("reject: tx %v conflicts %v", res.Tx, res.Conflicts)
+	}
+	res = Add(table(t, read, lines...), desired(t, "new", m8080), config.PolicyAllow)
+	p := render(t, res.Tx)
+	if strings.Contains(p, "-X "+chain) || len(res.Takeovers) > 0 {
+		t.Fatalf("allow removed the other claim:\n%s", p)
+	}
+	if !strings.Contains(p, "-I CNI-HOSTPORT-DNAT 1 ") {
+		t.Fatalf("allow must still put the new jump first:\n%s", p)
+	}
+}
+
+func TestReAddReplacesOwnJumps(t *testing.T) {
+	chain, jump, rules := upstream("net", "new", "10.88.0.3", "", 8080)
+	lines := append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, jump}, rules...)
+	res := Add(table(t, []string{state.DNATChain}, lines...), desired(t, "new", m8080), config.PolicyTakeover)
+	p := render(t, res.Tx)
+	if len(res.Need) > 0 || len(res.Takeovers) > 0 {
+		t.Fatalf("own chain treated as a victim: %v %v", res.Need, res.Takeovers)
+	}
+	if !strings.Contains(p, "-D CNI-HOSTPORT-DNAT -p tcp -m comment") || !strings.Contains(p, ":"+chain+" - [0:0]") ||
+		!strings.Contains(p, "--to-destination 10.88.0.9:80") {
+		t.Fatalf("re-ADD must drop the old jump and rebuild the chain with the new IP:\n%s", p)
+	}
+}
+
+func TestCheckFindsShadowingAndDuplicates(t *testing.T) {
+	d := desired(t, "me", m8080)
+	_, ojump, _ := upstream("net", "stale", "10.88.0.3", "", 8080)
+	var mine []string
+	for _, j := range d.Jumps {
+		mine = append(mine, "-A "+j.Chain+" "+j.Spec())
+	}
+	before := append([]string{"-N CNI-HOSTPORT-DNAT", ojump}, mine...)
+	res := Check(table(t, []string{state.DNATChain}, before...), d)
+	if len(res.Problems) != 1 || !strings.Contains(res.Problems[0], "shadowed by net/stale") {
+		t.Fatalf("problems %v", res.Problems)
+	}
+	after := append(append([]string{"-N CNI-HOSTPORT-DNAT"}, mine...), ojump)
+	res = Check(table(t, []string{state.DNATChain}, after...), d)
+	if len(res.Problems) != 1 || !strings.Contains(res.Problems[0], "duplicated by net/stale") {
+		t.Fatalf("problems %v", res.Problems)
+	}
+	res = Check(table(t, []string{state.DNATChain}, append([]string{"-N CNI-HOSTPORT-DNAT"}, mine...)...), d)
+	if len(res.Problems) != 0 {
+		t.Fatalf("healthy attachment reported %v", res.Problems)
+	}
+	// the rules of the chain and the shared layout are asserted with -C
+	if n := strings.Count(render(t, res.Tx), "\n-C "); n != len(d.Rules)+5 {
+		t.Fatalf("want %d assertions, got %d", len(d.Rules)+5, n)
+	}
+	res = Check(table(t, []string{state.DNATChain}, "-N CNI-HOSTPORT-DNAT"), d)
+	if len(res.Problems) == 0 || !strings.Contains(res.Problems[0], "jump rule missing") {
+		t.Fatalf("missing jump not reported: %v", res.Problems)
+	}
+}
+
+func TestGCRemovesOnlyThisNetworksInvalidAttachments(t *testing.T) {
+	var lines = []string{"-N CNI-HOSTPORT-DNAT"}
+	for _, a := range [][2]string{{"net", "keep"}, {"net", "gone"}, {"othernet", "gone2"}} {
+		chain, jump, rules := upstream(a[0], a[1], "10.88.0.3", "", 8080)
+		lines = append(append(lines, "-N "+chain, jump), rules...)
+	}
+	s := table(t, []string{state.DNATChain}, lines...)
+	res, removed := GC(s, "net", map[string]bool{"keep": true})
+	p := render(t, res.Tx)
+	gone := hostport.ChainName(hostport.Owner{Network: "net", ContainerID: "gone"})
+	if len(removed) != 1 || removed[0].ContainerID != "gone" || !strings.Contains(p, "-X "+gone) || strings.Count(p, "-X ") != 1 {
+		t.Fatalf("removed %v payload:\n%s", removed, p)
+	}
+}
+
+func TestDelBlindAndDel(t *testing.T) {
+	d := desired(t, "me", m8080+`,{"hostPort":53,"containerPort":53,"protocol":"udp"}`)
+	p := render(t, DelBlind(d))
+	if strings.Count(p, "-D CNI-HOSTPORT-DNAT") != 2 || !strings.Contains(p, "-X "+d.Chain) {
+		t.Fatalf("blind delete:\n%s", p)
+	}
+	chain, jump, rules := upstream("net", "me", "10.88.0.3", "", 8080)
+	s := table(t, []string{state.DNATChain, chain}, append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, jump}, rules...)...)
+	res := Del(s, chain)
+	if p := render(t, res.Tx); !strings.Contains(p, "-D CNI-HOSTPORT-DNAT -p tcp") || !strings.Contains(p, "-X "+chain) {
+		t.Fatalf("del:\n%s", p)
+	}
+	res = Del(table(t, []string{state.DNATChain, "CNI-DN-none"}, "-N CNI-HOSTPORT-DNAT"), "CNI-DN-none")
+	if !res.Tx.Empty() {
+		t.Fatal("deleting a never-added attachment changes something")
+	}
+}
