@@ -1,0 +1,245 @@
+package testbed
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+)
+
+// Timeout bounds each connection attempt and each wait for an answer.
+var Timeout = 2 * time.Second
+
+type podProc struct {
+	cmd *exec.Cmd
+}
+
+func stopProc(c *exec.Cmd) {
+	if c.Process == nil {
+		return
+	}
+	_ = syscall.Kill(-c.Process.Pid, syscall.SIGKILL)
+	_ = c.Process.Kill()
+	_, _ = c.Process.Wait()
+}
+
+// Serve starts socat responders in the pod on each port (default 80): TCP and UDP, IPv4 and
+// IPv6. Every TCP connection and every UDP datagram is answered with the pod's name and a
+// newline. It returns once all listeners are bound; they stop with the bed, Kill or
+// StopServing.
+func (p *Pod) Serve(ports ...int) {
+	b := p.Bed
+	b.T.Helper()
+	if len(ports) == 0 {
+		ports = []int{80}
+	}
+	reply := "EXEC:/bin/echo " + p.Name
+	for _, port := range ports {
+		for _, l := range []struct{ addr, proto string }{
+			{fmt.Sprintf("TCP4-LISTEN:%d,reuseaddr,fork", port), "tcp"},
+			{fmt.Sprintf("TCP6-LISTEN:%d,ipv6only=1,reuseaddr,fork", port), "tcp6"},
+			{fmt.Sprintf("UDP4-RECVFROM:%d,reuseaddr,fork", port), "udp"},
+			{fmt.Sprintf("UDP6-RECVFROM:%d,ipv6only=1,reuseaddr,fork", port), "udp6"},
+		} {
+			cmd := exec.Command("ip", "netns", "exec", p.NetNS, "socat", l.addr, reply)
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+			cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
+			if err := cmd.Start(); err != nil {
+				b.T.Fatal(err)
+			}
+			b.mu.Lock()
+			b.procs = append(b.procs, cmd)
+			p.procs = append(p.procs, &podProc{cmd: cmd})
+			b.mu.Unlock()
+			if err := waitListening(cmd.Process.Pid, l.proto, port); err != nil {
+				b.T.Fatalf("responder %s in pod %s: %v", l.addr, p.Name, err)
+			}
+		}
+	}
+}
+
+// StopServing kills the pod's responders.
+func (p *Pod) StopServing() {
+	p.Bed.mu.Lock()
+	procs := p.procs
+	p.procs = nil
+	p.Bed.mu.Unlock()
+	for _, pp := range procs {
+		stopProc(pp.cmd)
+	}
+}
+
+// waitListening polls /proc/<pid>/net/<proto> (the socket table of the process's netns) until
+// the socat process (after `ip netns exec` has exec'd it) has a listening socket on port.
+func waitListening(pid int, proto string, port int) error {
+	deadline := time.Now().Add(5 * time.Second)
+	want := fmt.Sprintf(":%04X", port)
+	state := "0A" // TCP_LISTEN
+	if strings.HasPrefix(proto, "udp") {
+		state = "07" // unconnected UDP
+	}
+	for time.Now().Before(deadline) {
+		comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if err != nil {
+			return fmt.Errorf("process exited: %v", err)
+		}
+		if strings.TrimSpace(string(comm)) == "socat" {
+			data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, proto))
+			if err == nil {
+				for _, line := range strings.Split(string(data), "\n")[1:] {
+					f := strings.Fields(line)
+					if len(f) > 3 && strings.HasSuffix(f[1], want) && f[3] == state {
+						return nil
+					}
+				}
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return errors.New("not listening after 5s")
+}
+
+var testRanges = []*net.IPNet{
+	mustCIDR("198.18.0.0/15"),
+	mustCIDR("fd00::/8"),
+	mustCIDR("127.0.0.0/8"),
+	mustCIDR("::1/128"),
+}
+
+func checkTarget(fromNS string, addr string) (net.IP, error) {
+	if !strings.HasPrefix(fromNS, "pge-") {
+		return nil, fmt.Errorf("testbed: refusing to send traffic from namespace %q (not a test bed namespace)", fromNS)
+	}
+	ip := net.ParseIP(strings.Trim(addr, "[]"))
+	if ip == nil {
+		return nil, fmt.Errorf("testbed: %q is not an IP address", addr)
+	}
+	for _, r := range testRanges {
+		if r.Contains(ip) {
+			return ip, nil
+		}
+	}
+	return nil, fmt.Errorf("testbed: refusing to send traffic to %s (outside the test ranges)", ip)
+}
+
+// inNetns runs f in the named namespace on a locked OS thread; sockets created there stay in
+// that namespace.
+func inNetns(name string, f func() error) error {
+	h, err := ns.GetNS("/var/run/netns/" + name)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return h.Do(func(ns.NetNS) error { return f() })
+}
+
+// ConnectTCP connects from a bed namespace to addr:port and returns what the peer sent
+// before closing (trimmed): the name of the pod that answered. Timeouts are bounded by
+// Timeout.
+func ConnectTCP(fromNS, addr string, port int) (string, error) {
+	ip, err := checkTarget(fromNS, addr)
+	if err != nil {
+		return "", err
+	}
+	var conn net.Conn
+	err = inNetns(fromNS, func() error {
+		var err error
+		conn, err = net.DialTimeout("tcp", net.JoinHostPort(ip.String(), strconv.Itoa(port)), Timeout)
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("tcp %s -> %s: %w", fromNS, net.JoinHostPort(ip.String(), strconv.Itoa(port)), err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(Timeout))
+	data, err := io.ReadAll(conn)
+	if err != nil && len(data) == 0 {
+		return "", fmt.Errorf("tcp %s -> %s: read: %w", fromNS, net.JoinHostPort(ip.String(), strconv.Itoa(port)), err)
+	}
+	return strings.TrimSpace(string(data)), nil
+}
+
+// SendUDP sends one datagram from a bed namespace to addr:port and returns the first answer
+// (trimmed): the name of the pod that answered. It tries up to 3 times within ~Timeout.
+func SendUDP(fromNS, addr string, port int) (string, error) {
+	ip, err := checkTarget(fromNS, addr)
+	if err != nil {
+		return "", err
+	}
+	target := net.JoinHostPort(ip.String(), strconv.Itoa(port))
+	var conn net.Conn
+	err = inNetns(fromNS, func() error {
+		var err error
+		conn, err = net.Dial("udp", target)
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("udp %s -> %s: %w", fromNS, target, err)
+	}
+	defer conn.Close()
+	buf := make([]byte, 512)
+	var lastErr error
+	for i := 0; i < 3; i++ {
+		if _, err := conn.Write([]byte("ping\n")); err != nil {
+			lastErr = err
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(Timeout / 3))
+		n, err := conn.Read(buf)
+		if err == nil {
+			return strings.TrimSpace(string(buf[:n])), nil
+		}
+		lastErr = err
+		var ne net.Error
+		if !(errors.As(err, &ne) && ne.Timeout()) {
+			// e.g. ICMP port unreachable: retry after a short pause
+			time.Sleep(Timeout / 6)
+		}
+	}
+	return "", fmt.Errorf("udp %s -> %s: no answer: %w", fromNS, target, lastErr)
+}
+
+// Dial is ConnectTCP or SendUDP by protocol name ("tcp" or "udp").
+func Dial(proto, fromNS, addr string, port int) (string, error) {
+	if strings.EqualFold(proto, "udp") {
+		return SendUDP(fromNS, addr, port)
+	}
+	return ConnectTCP(fromNS, addr, port)
+}
+
+// SendUDPFromPort is SendUDP from a fixed source port, so successive calls hit the same
+// conntrack entry (to test that stale UDP entries are flushed).
+func SendUDPFromPort(fromNS string, srcPort int, addr string, port int) (string, error) {
+	ip, err := checkTarget(fromNS, addr)
+	if err != nil {
+		return "", err
+	}
+	target := net.JoinHostPort(ip.String(), strconv.Itoa(port))
+	var conn *net.UDPConn
+	err = inNetns(fromNS, func() error {
+		var err error
+		conn, err = net.DialUDP("udp", &net.UDPAddr{Port: srcPort}, &net.UDPAddr{IP: ip, Port: port})
+		return err
+	})
+	if err != nil {
+		return "", fmt.Errorf("udp %s:%d -> %s: %w", fromNS, srcPort, target, err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("ping\n")); err != nil {
+		return "", err
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(Timeout))
+	buf := make([]byte, 512)
+	n, err := conn.Read(buf)
+	if err != nil {
+		return "", fmt.Errorf("udp %s:%d -> %s: no answer: %w", fromNS, srcPort, target, err)
+	}
+	return strings.TrimSpace(string(buf[:n])), nil
+}
