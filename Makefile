@@ -34,10 +34,11 @@ apt-deps:
 			iptables iproute2 socat conntrack >/dev/null; \
 	fi
 
-# cnitool and the upstream plugins (bridge, host-local, and portmap for comparison).
+# cnitool and the upstream plugins: bridge and host-local for the test bed, portmap for
+# comparison, bandwidth/firewall/tuning because the conflist examples chain them.
 go-tools:
 	@test -x $(GOBIN_DIR)/cnitool || $(GO) install github.com/containernetworking/cni/cnitool@$(CNITOOL_VERSION)
-	@for p in main/bridge ipam/host-local meta/portmap; do \
+	@for p in main/bridge ipam/host-local meta/portmap meta/bandwidth meta/firewall meta/tuning; do \
 		test -x $(GOBIN_DIR)/$$(basename $$p) || \
 		$(GO) install github.com/containernetworking/plugins/plugins/$$p@$(PLUGINS_VERSION) || exit 1; \
 	done

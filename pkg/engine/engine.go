@@ -84,14 +84,16 @@ func apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
 	return err
 }
 
-// Add installs the attachment in every family the pod has an address in.
+// Add installs the attachment in every family the pod has an address in. Every family
+// is planned before any is applied, so a rejected conflict in one family leaves the other
+// untouched too.
 func (e *Engine) Add(c *config.Config, owner hostport.Owner) ([]plan.Takeover, error) {
 	l, err := e.lock()
 	if err != nil {
 		return nil, err
 	}
 	defer l.Release()
-	var all []plan.Takeover
+	var pending []addPlan
 	for _, f := range hostport.Families {
 		ip, ok := c.PodIPs[f]
 		if !ok {
@@ -101,7 +103,18 @@ func (e *Engine) Add(c *config.Config, owner hostport.Owner) ([]plan.Takeover, e
 		if len(d.Mappings) == 0 {
 			continue
 		}
-		t, err := e.addFamily(d, c.Policy)
+		p, err := e.planAdd(d, c.Policy)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", f, err)
+		}
+		if c.Policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
+			return nil, rejectError(d, p.res.Conflicts)
+		}
+		pending = append(pending, p)
+	}
+	var all []plan.Takeover
+	for _, p := range pending {
+		t, err := e.applyAdd(p, c.Policy)
 		all = append(all, t...)
 		if err != nil {
 			return all, err
@@ -110,41 +123,53 @@ func (e *Engine) Add(c *config.Config, owner hostport.Owner) ([]plan.Takeover, e
 	return all, nil
 }
 
-func (e *Engine) addFamily(d plan.Desired, policy string) ([]plan.Takeover, error) {
-	// Hot path: read CNI-HOSTPORT-DNAT only, assert the shared chains with -C. If the
-	// assertion fails (or another writer changed the table), read the shared chains and
-	// plan again once.
+type addPlan struct {
+	d   plan.Desired
+	s   *state.State
+	res plan.Result
+}
+
+// planAdd is the hot path's read: CNI-HOSTPORT-DNAT only (plus the chains of claims that
+// may conflict); the shared chains are asserted with -C rather than read. A node without
+// CNI-HOSTPORT-DNAT is new, and then the shared chains are read so they can be created.
+func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 	s, err := state.Observe(e.Runner, d.Family, state.DNATChain)
 	if err != nil {
-		return nil, err
+		return addPlan{}, err
 	}
 	if !s.DNATExists() {
 		if err := s.Read(e.Runner, state.SharedChains...); err != nil {
-			return nil, err
+			return addPlan{}, err
 		}
 	}
+	res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
+	return addPlan{d: d, s: s, res: res}, err
+}
+
+// applyAdd applies a plan; if iptables-restore refuses it (a failed assertion, or another
+// writer changed the table), it reads the shared chains too, plans again and retries once.
+func (e *Engine) applyAdd(p addPlan, policy string) ([]plan.Takeover, error) {
 	for attempt := 0; ; attempt++ {
-		res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
-		if err != nil {
-			return nil, err
+		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
+			return nil, rejectError(p.d, p.res.Conflicts)
 		}
-		if policy == config.PolicyReject && len(res.Conflicts) > 0 {
-			return nil, rejectError(d, res.Conflicts)
-		}
-		err = apply(e.Runner, d.Family, res.Tx)
+		err := apply(e.Runner, p.d.Family, p.res.Tx)
 		if err == nil {
-			for _, t := range res.Takeovers {
+			for _, t := range p.res.Takeovers {
 				if e.OnTakeover != nil {
 					e.OnTakeover(t)
 				}
 			}
-			return res.Takeovers, nil
+			return p.res.Takeovers, nil
 		}
 		var re *iptables.RestoreError
 		if attempt > 0 || !errors.As(err, &re) {
-			return nil, fmt.Errorf("%s: %w", d.Family, err)
+			return nil, fmt.Errorf("%s: %w", p.d.Family, err)
 		}
-		if s, err = state.Observe(e.Runner, d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {
+		if p.s, err = state.Observe(e.Runner, p.d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {
+			return nil, err
+		}
+		if p.res, err = planWith(e.Runner, p.s, func(s *state.State) plan.Result { return plan.Add(s, p.d, policy) }); err != nil {
 			return nil, err
 		}
 	}

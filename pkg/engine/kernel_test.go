@@ -236,6 +236,20 @@ func TestKernelRejectChangesNothing(t *testing.T) {
 	if after := inNS(t, ns, "iptables-save", "-t", "nat"); stripComments(after) != stripComments(before) {
 		t.Fatalf("reject changed the table:\n%s\n---\n%s", before, after)
 	}
+
+	// Dual-stack: the conflict is in IPv6 only; IPv4 must not be applied either.
+	v6 := conf(t, "", `{"hostPort":7070,"containerPort":80,"protocol":"tcp"}`, "fd00:99::7/64")
+	if _, err := e.Add(v6, hostport.Owner{Network: "knet", ContainerID: "v6only"}); err != nil {
+		t.Fatal(err)
+	}
+	before4 := inNS(t, ns, "iptables-save", "-t", "nat")
+	dual := conf(t, `"conflictPolicy":"reject",`, `{"hostPort":7070,"containerPort":80,"protocol":"tcp"}`, "10.99.0.8/16", "fd00:99::8/64")
+	if _, err := e.Add(dual, hostport.Owner{Network: "knet", ContainerID: "dual"}); err == nil {
+		t.Fatal("dual-stack ADD conflicting in IPv6 was not rejected")
+	}
+	if after := inNS(t, ns, "iptables-save", "-t", "nat"); stripComments(after) != stripComments(before4) {
+		t.Fatalf("a reject in IPv6 changed the IPv4 table:\n%s\n---\n%s", before4, after)
+	}
 }
 
 func stripComments(s string) string {

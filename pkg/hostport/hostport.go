@@ -91,11 +91,12 @@ func ChainName(o Owner) string {
 }
 
 // Comment is the owner's rule comment, in upstream's exact words, trimmed to the
-// 255-character limit of the comment match as upstream does.
+// 255-character limit of the comment match. (Upstream trims to 256, which iptables then
+// refuses; portguard keeps the comment valid.)
 func Comment(o Owner) string {
 	c := fmt.Sprintf(`dnat name: "%s" id: "%s"`, o.Network, o.ContainerID)
 	if len(c) > 255 {
-		c = c[:253] + "..."
+		c = c[:252] + "..."
 	}
 	return c
 }
