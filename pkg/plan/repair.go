@@ -1,0 +1,185 @@
+package plan
+
+import (
+	"fmt"
+	"sort"
+
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/state"
+)
+
+// RepairResult is repair's plan for one family: one transaction and what it does.
+type RepairResult struct {
+	Tx          *iptables.Tx
+	Actions     []string         // what the transaction changes, in order, for humans
+	Skipped     []string         // problems repair leaves alone, and why
+	UnknownKeep []hostport.Owner // --keep owners with no claim in this family
+}
+
+// Repair plans the fix of everything Audit reports, as one transaction:
+//
+//   - a contested host port keeps one claim: the claim of an owner in keep, otherwise the
+//     one that wins in the kernel today (the first in CNI-HOSTPORT-DNAT, which is the newest
+//     one on a portguard node since portguard inserts new jumps at the top). The others
+//     lose their conflicting mappings with the same mechanics as ADD's takeover (takeOver):
+//     the whole chain and its jumps when nothing else remains, otherwise the mapping's
+//     rules and a jump rewritten to the ports still served;
+//   - a jump port without a DNAT rule in its chain, and a DNAT rule without a jump port,
+//     are removed the same way (a chain with nothing valid left goes entirely);
+//   - repeated jumps are deleted; orphan CNI-DN chains are flushed and deleted (unless a
+//     non-CNI rule still jumps to one: that is reported in Skipped, never touched);
+//   - entry jumps, and SETMARK/MASQ with POSTROUTING's jump when remaining chains mark
+//     packets, are restored.
+//
+// Only CNI-HOSTPORT-DNAT's jumps to CNI-DN chains, CNI-DN chains and the upstream shared
+// rules are written. The state must be complete (state.ObserveAll). Keep owners that
+// conflict with each other are an error.
+func Repair(s *state.State, keep map[hostport.Owner]bool) (RepairResult, error) {
+	Complete(s)
+	an := analyze(s, keep)
+	res := RepairResult{Tx: &iptables.Tx{}, UnknownKeep: an.unknown}
+	sort.Slice(res.UnknownKeep, func(i, j int) bool { return res.UnknownKeep[i].String() < res.UnknownKeep[j].String() })
+	if len(an.conflicts) > 0 {
+		return res, fmt.Errorf("%s: --keep names owners that conflict: %s", s.Family, an.conflicts[0])
+	}
+	tx := res.Tx
+	act := func(format string, a ...any) { res.Actions = append(res.Actions, fmt.Sprintf(format, a...)) }
+	dnat := newSim(s.Table.Rules(state.DNATChain))
+
+	dupIndex := map[int]bool{}
+	for _, j := range an.dupJumps {
+		why := fmt.Sprintf("delete repeated jump into %s", j.Target)
+		tx.DeleteRule(j.Rule, why)
+		dnat.delete(j.Rule)
+		dupIndex[j.Index] = true
+		act("%s: delete rule %d of %s, a repeated jump into %s", s.Family, j.Index+1, state.DNATChain, j.Target)
+	}
+
+	// What each attachment loses.
+	type loss struct {
+		mappings []state.Mapping
+		seen     map[string]bool
+		for_     hostport.Owner
+	}
+	losses := map[*state.Attachment]*loss{}
+	lose := func(a *state.Attachment, m state.Mapping, why string) {
+		l := losses[a]
+		if l == nil {
+			l = &loss{seen: map[string]bool{}}
+			losses[a] = l
+		}
+		k := fmt.Sprintf("%s|%s", m.Claim, m.Dest)
+		if l.seen[k] {
+			return
+		}
+		l.seen[k] = true
+		l.mappings = append(l.mappings, m)
+		act("%s: %s: %s", s.Family, ownerText(a.Owner, a.Chain), why)
+	}
+	for _, c := range an.claims {
+		switch c.Status {
+		case StatusShadowed:
+			by := c.ShadowedBy
+			w := an.winner(c)
+			if w != nil {
+				by = ownerText(w.owner, w.Chain)
+			}
+			lose(c.a, *c.m, fmt.Sprintf("remove claim %s -> %s (conflicts with %s, which is kept)", c.m.Claim, c.Destination, by))
+			if w != nil && losses[c.a].for_.IsZero() {
+				losses[c.a].for_ = w.owner
+			}
+		case StatusNoDNAT:
+			lose(c.a, *c.m, fmt.Sprintf("remove jump port %s/%d (the chain has no DNAT rule for it)", c.m.Claim.Proto, c.m.Claim.HostPort))
+		}
+	}
+	for _, a := range s.AttachmentsSorted() {
+		dead := map[string]bool{}
+		for _, k := range an.dnatOnly[a.Chain] {
+			dead[k] = true
+		}
+		for _, m := range a.Mappings {
+			if dead[portKey(m.Claim.Proto, m.Claim.HostPort)] {
+				lose(a, m, fmt.Sprintf("remove DNAT %s -> %s (no jump sends the port into the chain)", m.Claim, m.Dest))
+			}
+		}
+	}
+
+	removed := map[*state.Attachment]bool{}
+	for _, a := range s.AttachmentsSorted() {
+		l := losses[a]
+		if l == nil {
+			continue
+		}
+		lost := map[string]bool{}
+		for _, m := range l.mappings {
+			lost[fmt.Sprintf("%s|%s", m.Claim, m.Dest)] = true
+		}
+		v := victim{keep: map[string]bool{}, lost: l.mappings}
+		remaining := 0
+		for _, m := range a.Mappings {
+			if !lost[fmt.Sprintf("%s|%s", m.Claim, m.Dest)] {
+				remaining++
+				v.keep[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
+			}
+		}
+		v.removeAll = remaining == 0
+		// The repeated jumps are already deleted: takeOver sees only the others.
+		ac := *a
+		ac.Jumps = nil
+		for _, j := range a.Jumps {
+			if !dupIndex[j.Index] {
+				ac.Jumps = append(ac.Jumps, j)
+			}
+		}
+		v.a = &ac
+		takeOver(tx, dnat, v, Desired{Family: s.Family, Owner: l.for_})
+		if v.removeAll {
+			removed[a] = true
+			act("%s: %s: nothing valid left: delete its jumps and the chain", s.Family, ownerText(a.Owner, a.Chain))
+		}
+	}
+
+	for _, a := range an.orphans {
+		if refs := referencedOutside(s, a.Chain); len(refs) > 0 {
+			res.Skipped = append(res.Skipped, fmt.Sprintf("%s: orphan chain %s is referenced by non-CNI rule %s; left alone", s.Family, a.Chain, refs[0]))
+			continue
+		}
+		tx.RemoveChain(a.Chain, "delete orphan chain "+a.Chain)
+		act("%s: delete orphan chain %s (no jump enters it)", s.Family, a.Chain)
+	}
+
+	claims, marks := false, false
+	for _, a := range s.Attachments {
+		if !a.Exists || len(a.Jumps) == 0 || removed[a] {
+			continue
+		}
+		claims = true
+		gone := map[string]bool{}
+		if l := losses[a]; l != nil {
+			for _, m := range l.mappings {
+				for _, r := range m.Rules {
+					gone[state.Normalize(r)] = true
+				}
+			}
+		}
+		for _, r := range s.Table.Rules(a.Chain) {
+			if r.Target() == state.SetMarkChain && !gone[state.Normalize(r)] {
+				marks = true
+			}
+		}
+	}
+	if claims {
+		before := len(tx.Ops)
+		ensureShared(tx, s, marks, false, an.markBit)
+		for _, op := range tx.Ops[before:] {
+			switch op.Kind {
+			case iptables.Declare:
+				act("%s: create chain %s", s.Family, op.Chain)
+			case iptables.Append, iptables.Insert:
+				act("%s: restore -A %s %s", s.Family, op.Chain, iptables.JoinArgs(op.Args))
+			}
+		}
+	}
+	return res, nil
+}
