@@ -40,6 +40,7 @@ type options struct {
 	Drain, DrainPar int
 	Quick           bool
 	Command         string // how the bench was invoked, for the report
+	Payload         string // -payload: write the nat payload and exit
 	PortguardBin    string
 	UpstreamBin     string
 }
@@ -122,6 +123,7 @@ func parseFlags(args []string) (options, error) {
 	drainN := fs.Int("drain", 100, "attachments in the drain (ADDed, then DELeted)")
 	par := fs.Int("par", 10, "parallel calls in the drain")
 	quick := fs.Bool("quick", false, "CI smoke mode: M=2000, N=0,100, 5 runs, drain of 20")
+	payload := fs.String("payload", "", "only write the iptables-restore payload for the first -m and -n to this file, and exit")
 	pgBin, upBin := defaultBins()
 	fs.StringVar(&pgBin, "portguard", pgBin, "portguard plugin binary ($PORTGUARD_BIN_DIR/portguard)")
 	fs.StringVar(&upBin, "upstream", upBin, "upstream portmap binary ($PORTGUARD_UPSTREAM_DIR/portmap)")
@@ -169,6 +171,7 @@ func parseFlags(args []string) (options, error) {
 	if o.Drain < 1 || o.Drain > maxDrain || o.DrainPar < 1 {
 		return o, fmt.Errorf("-drain must be in 1..%d and -par at least 1", maxDrain)
 	}
+	o.Payload = *payload
 	o.Command = "go run ./test/bench"
 	if len(args) > 0 {
 		o.Command += " " + strings.Join(args, " ")
@@ -184,6 +187,15 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(2)
+	}
+	if opts.Payload != "" {
+		p, foreign, cni := natPayload(opts.Ms[0], opts.Ns[0])
+		if err := os.WriteFile(opts.Payload, []byte(p), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		fmt.Fprintf(os.Stderr, "bench: wrote %s: %d foreign + %d CNI nat rules (load with: iptables-restore -w < %s)\n", opts.Payload, foreign, cni, opts.Payload)
+		return
 	}
 	rep, err := runBench(opts)
 	if err != nil {

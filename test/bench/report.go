@@ -27,6 +27,7 @@ type machine struct {
 	Kernel   string
 	IPTables string
 	Go       string
+	FloorKiB int64 // ru_maxrss of /bin/true started by the launcher
 }
 
 func machineInfo() machine {
@@ -41,6 +42,12 @@ func machineInfo() machine {
 				break
 			}
 		}
+	}
+	if self, err := os.Executable(); err == nil {
+		dir, _ := os.MkdirTemp("", "pgb-floor-")
+		r := invoke(plugin{Path: "/bin/true", Type: "none"}, "VERSION", attachment{ID: containerID("floor", 0)}, callEnv{Self: self, WorkDir: dir}, false, "")
+		m.FloorKiB = r.RSSKiB
+		os.RemoveAll(dir)
 	}
 	if out, err := runOut("iptables", "-V"); err == nil {
 		m.IPTables = strings.TrimSpace(out)
@@ -174,7 +181,9 @@ func (r *report) markdown() string {
 	w("- M = foreign kube-proxy-like nat rules, N = existing host-port attachments (upstream format); each call adds/checks/deletes one more attachment with 2 TCP mappings. "+
 		"%d timed runs per op, the two plugins interleaved in the same namespace. Ratio = upstream median / portguard median. "+
 		"procs = iptables*/ip6tables* processes per call (counted by a PATH shim in a separate, untimed warm-up call). "+
-		"RSS = peak ru_maxrss of the plugin from wait4, which also covers the iptables children it waited for.\n\n", r.Opts.Runs)
+		"RSS = peak ru_maxrss of the plugin from wait4, which also covers the iptables children it waited for "+
+		"(each plugin is started by a small launcher so the bench's own memory does not leak into the number; "+
+		"/bin/true started the same way measures %s, the floor).\n\n", r.Opts.Runs, fmtMiB(r.Machine.FloorKiB))
 
 	names := []string{"upstream", "portguard"}
 	stat := func(s scenarioResult, list []opStats, plugin, op string) *opStats {

@@ -242,6 +242,11 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 			st.ProcMs += pr.Ms
 			st.ChildRSSKiB = max(st.ChildRSSKiB, pr.RSSKiB)
 			st.Cmds = append(st.Cmds, fmt.Sprintf("%s %s  (%.1f ms, rc %d)", pr.Name, strings.Join(pr.Args, " "), pr.Ms, pr.RC))
+			for _, l := range strings.Split(strings.TrimRight(pr.Stdin, "\n"), "\n") {
+				if l != "" {
+					st.Cmds = append(st.Cmds, "  < "+l)
+				}
+			}
 		}
 	}
 	shimLog := filepath.Join(cfg.WorkDir, fmt.Sprintf("shim-%d-%d.log", cfg.M, cfg.N))
