@@ -150,4 +150,3 @@ func TestLockReleasedWhenHolderKilled(t *testing.T) {
 		t.Errorf("the killed call's attachment appeared:\n%s", o.raw)
 	}
 }
-

@@ -87,4 +87,3 @@ func TestKilledCallsRestoreDoesNotLandLater(t *testing.T) {
 		})
 	}
 }
-
