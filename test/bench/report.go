@@ -28,10 +28,23 @@ type machine struct {
 	IPTables string
 	Go       string
 	FloorKiB int64 // ru_maxrss of /bin/true started by the launcher
+	LoadAvg  string // 1-minute load average at start and end
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "?"
+	}
+	return f[0]
 }
 
 func machineInfo() machine {
-	m := machine{NProc: runtime.NumCPU(), Go: runtime.Version()}
+	m := machine{NProc: runtime.NumCPU(), Go: runtime.Version(), LoadAvg: loadAvg()}
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
@@ -174,7 +187,8 @@ func (r *report) markdown() string {
 	var b strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	w("## portguard vs upstream portmap\n\n")
-	w("- machine: %d CPUs (%s), kernel %s, %s, %s\n", r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.Machine.IPTables, r.Machine.Go)
+	w("- machine: %d CPUs (%s), kernel %s, %s, %s; load average %s at start, %s at end\n",
+		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.Machine.IPTables, r.Machine.Go, r.Machine.LoadAvg, loadAvg())
 	w("- command: `%s` (as root; `make bench BENCH_ARGS='...'` runs the same)\n", r.Opts.Command)
 	w("- upstream: %s\n- portguard: %s\n", r.Plugins["upstream"], r.Plugins["portguard"])
 	w("- %s, total %s\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.Elapsed.Round(time.Second))
