@@ -359,7 +359,6 @@ func Audit(s *state.State) FamilyAudit {
 	Complete(s)
 	an := analyze(s, nil)
 	fa := FamilyAudit{Family: s.Family, Available: true, Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
-	f := s.Family.String()
 
 	byPort := map[string]*PortClaims{}
 	var keys []string
@@ -446,10 +445,10 @@ func Audit(s *state.State) FamilyAudit {
 			parts = append(parts, fmt.Sprintf("its jumps send %s but it has no DNAT rule for %s (packets fall through to the next claim)", strings.Join(jo, ","), plural(jo)))
 		}
 		if len(do) > 0 {
-			parts = append(parts, fmt.Sprintf("it DNATs %s but no jump sends %s into it", strings.Join(do, ","), plural(do)))
+			parts = append(parts, fmt.Sprintf("it DNATs %s but no jump sends %s into it (dead rules)", strings.Join(do, ","), plural(do)))
 		}
 		p := Problem{Kind: KindPortMismatch, Chain: ch, Network: a.Owner.Network, ContainerID: a.Owner.ContainerID,
-			Message: fmt.Sprintf("%s: %s: %s", f, ownerText(a.Owner, ch), strings.Join(parts, "; ")),
+			Message: fmt.Sprintf("%s: %s", ownerText(a.Owner, ch), strings.Join(parts, "; ")),
 			Fix:     fmt.Sprintf("portguardctl repair --family %d (deletes the mismatched jump ports and DNAT rules; the chain goes when nothing valid is left)", int(s.Family))}
 		if len(jo) == 1 {
 			proto, port, _ := strings.Cut(jo[0], "/")

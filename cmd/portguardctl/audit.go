@@ -1,0 +1,244 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/plan"
+	"github.com/portguard/portguard/pkg/state"
+)
+
+const auditHelp = `Usage: portguardctl audit [-o table|json|prometheus] [--family 4|6|all]
+
+Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
+claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain) and which one
+receives the traffic, then every problem with its fix:
+  shadowed-claim      an earlier conflicting claim wins; this pod never gets the port
+  duplicate-jump      the same jump twice in CNI-HOSTPORT-DNAT
+  orphan-chain        a CNI-DN chain no jump enters (leaked by a DEL)
+  port-mismatch       a jump's ports and its chain's DNAT ports disagree
+  missing-entry-jump  PREROUTING/OUTPUT do not enter CNI-HOSTPORT-DNAT
+  missing-setmark, missing-masq, missing-masq-jump
+                      chains mark packets for masquerade but the mark/masquerade is gone
+
+Exit status: 0 healthy, 1 problems found, 2 usage or environment error.
+The JSON shape is documented in docs/audit-json.md.
+
+Examples:
+  portguardctl audit
+  portguardctl audit --family 4 -o json
+  ip netns exec node1 portguardctl audit -o prometheus
+`
+
+// observeAll reads every selected family once. A family whose iptables is unusable is
+// reported as unavailable, unless it was asked for explicitly or none is usable.
+func observeAll(r iptables.Runner, ff *familyFlag) ([]*state.State, []plan.FamilyAudit, error) {
+	var states []*state.State
+	var unavailable []plan.FamilyAudit
+	for _, f := range ff.families() {
+		s, err := state.ObserveAll(r, f)
+		if err != nil {
+			if errors.Is(err, iptables.ErrUnavailable) && !ff.explicit() {
+				unavailable = append(unavailable, plan.UnavailableAudit(f, err))
+				continue
+			}
+			return nil, nil, envError{fmt.Errorf("%s: %w", f, err)}
+		}
+		states = append(states, s)
+	}
+	if len(states) == 0 {
+		return nil, nil, envError{errors.New("neither iptables nor ip6tables is usable: " + unavailable[0].Error)}
+	}
+	return states, unavailable, nil
+}
+
+func auditStates(states []*state.State, unavailable []plan.FamilyAudit) plan.AuditReport {
+	var fas []plan.FamilyAudit
+	for _, s := range states {
+		fas = append(fas, plan.Audit(s))
+	}
+	return plan.NewAuditReport(append(fas, unavailable...))
+}
+
+func cmdAudit(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("audit", auditHelp, stdout)
+	var ff familyFlag
+	output := fs.String("o", "table", "output format: table, json or prometheus")
+	fs.Var(&ff, "family", "address family: 4, 6 or all")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	var render func(io.Writer, plan.AuditReport) error
+	switch *output {
+	case "table":
+		render = renderTable
+	case "json":
+		render = renderJSON
+	case "prometheus":
+		render = renderPrometheus
+	default:
+		return usageError{fmt.Sprintf("-o %q: must be table, json or prometheus", *output)}
+	}
+	states, unavailable, err := observeAll(newRunner(10*time.Second), &ff)
+	if err != nil {
+		return err
+	}
+	rep := auditStates(states, unavailable)
+	if err := render(stdout, rep); err != nil {
+		return envError{err}
+	}
+	if !healthyIgnoringUnavailable(rep) {
+		return exitError(exitProblems)
+	}
+	return nil
+}
+
+// healthyIgnoringUnavailable is the audit's verdict: problems in a family that was read.
+func healthyIgnoringUnavailable(rep plan.AuditReport) bool {
+	for _, fa := range rep.Families {
+		if fa.Available && !fa.Healthy() {
+			return false
+		}
+	}
+	return true
+}
+
+func renderJSON(w io.Writer, rep plan.AuditReport) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(rep)
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	if id == "" {
+		return "-"
+	}
+	return id
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func renderTable(w io.Writer, rep plan.AuditReport) error {
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "FAMILY\tPROTO\tHOST PORT\tRULE\tNETWORK\tCONTAINER\tDESTINATION\tCHAIN\tSTATUS")
+	rows := 0
+	for _, fa := range rep.Families {
+		for _, pc := range fa.Ports {
+			for _, c := range pc.Claims {
+				host := "*"
+				if c.HostIP != "" {
+					host = c.HostIP
+				}
+				status := c.Status
+				if c.Status == plan.StatusShadowed {
+					status = "shadowed by " + c.ShadowedBy
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", fa.Family, pc.Protocol,
+					fmt.Sprintf("%s:%d", host, pc.HostPort), c.Position, dash(c.Network), shortID(c.ContainerID),
+					dash(c.Destination), c.Chain, status)
+				rows++
+			}
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if rows == 0 {
+		fmt.Fprintln(w, "(no host-port claims)")
+	}
+	fmt.Fprintln(w)
+	var problems int
+	for _, fa := range rep.Families {
+		problems += len(fa.Problems)
+	}
+	for _, fa := range rep.Families {
+		if !fa.Available {
+			fmt.Fprintf(w, "%s: not audited: %s\n", fa.Family, fa.Error)
+		}
+	}
+	if problems == 0 {
+		var parts []string
+		for _, fa := range rep.Families {
+			if fa.Available {
+				parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports in %d chains", fa.Family, fa.Summary.Claims, fa.Summary.HostPorts, fa.Summary.Chains))
+			}
+		}
+		fmt.Fprintf(w, "Healthy: %s.\n", strings.Join(parts, "; "))
+		return nil
+	}
+	fmt.Fprintf(w, "PROBLEMS (%d)\n", problems)
+	for _, fa := range rep.Families {
+		for _, p := range fa.Problems {
+			fmt.Fprintf(w, "%s  %s  %s\n", fa.Family, p.Kind, p.Message)
+			fmt.Fprintf(w, "      fix: %s\n", p.Fix)
+		}
+	}
+	return nil
+}
+
+type metric struct {
+	name, help string
+	value      func(plan.AuditSummary) int
+}
+
+var metrics = []metric{
+	{"portguard_chains", "CNI-DN chains in the nat table.", func(s plan.AuditSummary) int { return s.Chains }},
+	{"portguard_claims", "Host-port claims (jump port x chain mapping) in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.Claims }},
+	{"portguard_host_ports", "Distinct (protocol, host port) pairs claimed.", func(s plan.AuditSummary) int { return s.HostPorts }},
+	{"portguard_duplicate_claims", "Claims shadowed by an earlier conflicting claim.", func(s plan.AuditSummary) int { return s.DuplicateClaims }},
+	{"portguard_duplicate_jumps", "Jumps repeated in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.DuplicateJumps }},
+	{"portguard_orphan_chains", "CNI-DN chains that no jump enters.", func(s plan.AuditSummary) int { return s.OrphanChains }},
+	{"portguard_port_mismatches", "Chains whose jump ports and DNAT ports disagree.", func(s plan.AuditSummary) int { return s.PortMismatches }},
+	{"portguard_missing_entry_jumps", "Missing PREROUTING/OUTPUT jumps to CNI-HOSTPORT-DNAT while claims exist.", func(s plan.AuditSummary) int { return s.MissingEntryJumps }},
+	{"portguard_missing_masquerade_rules", "Missing SETMARK/MASQ rules or POSTROUTING jump while chains mark packets.", func(s plan.AuditSummary) int { return s.MissingMasquerade }},
+	{"portguard_problems", "Problems found by the audit.", func(s plan.AuditSummary) int { return s.Problems }},
+}
+
+// renderPrometheus writes node-exporter textfile-collector metrics, one sample per family.
+func renderPrometheus(w io.Writer, rep plan.AuditReport) error {
+	var b strings.Builder
+	b.WriteString("# HELP portguard_audit_up Whether the family's nat table could be read (1) or not (0).\n# TYPE portguard_audit_up gauge\n")
+	for _, fa := range rep.Families {
+		up := 0
+		if fa.Available {
+			up = 1
+		}
+		fmt.Fprintf(&b, "portguard_audit_up{family=%q} %d\n", fa.Family.String(), up)
+	}
+	b.WriteString("# HELP portguard_audit_healthy Whether the audit found no problem (1) or some (0).\n# TYPE portguard_audit_healthy gauge\n")
+	for _, fa := range rep.Families {
+		if fa.Available {
+			h := 0
+			if fa.Healthy() {
+				h = 1
+			}
+			fmt.Fprintf(&b, "portguard_audit_healthy{family=%q} %d\n", fa.Family.String(), h)
+		}
+	}
+	for _, m := range metrics {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n", m.name, m.help, m.name)
+		for _, fa := range rep.Families {
+			if fa.Available {
+				fmt.Fprintf(&b, "%s{family=%q} %d\n", m.name, fa.Family.String(), m.value(fa.Summary))
+			}
+		}
+	}
+	b.WriteString("# HELP portguard_audit_timestamp_seconds When the audit ran.\n# TYPE portguard_audit_timestamp_seconds gauge\n")
+	fmt.Fprintf(&b, "portguard_audit_timestamp_seconds %d\n", time.Now().Unix())
+	_, err := io.WriteString(w, b.String())
+	return err
+}
