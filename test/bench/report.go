@@ -27,7 +27,7 @@ type machine struct {
 	Kernel   string
 	IPTables string
 	Go       string
-	FloorKiB int64 // ru_maxrss of /bin/true started by the launcher
+	FloorKiB int64  // ru_maxrss of /bin/true started by the launcher
 	LoadAvg  string // 1-minute load average at start and end
 }
 
