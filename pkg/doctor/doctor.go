@@ -97,8 +97,8 @@ func DefaultEnv(confDir string, binDirs []string, r iptables.Runner) Env {
 
 // Report is doctor's result.
 type Report struct {
-	Conflist string          `json:"conflist"` // the file the runtime uses ("" when none)
-	Findings []Finding       `json:"findings"`
+	Conflist string           `json:"conflist"` // the file the runtime uses ("" when none)
+	Findings []Finding        `json:"findings"`
 	Audit    plan.AuditReport `json:"audit"`
 }
 
