@@ -38,6 +38,7 @@ type options struct {
 	Only            map[string]bool
 	Out             string
 	Drain, DrainPar int
+	DrainRuns       int
 	Quick           bool
 	Command         string // how the bench was invoked, for the report
 	Payload         string // -payload: write the nat payload and exit
@@ -122,6 +123,7 @@ func parseFlags(args []string) (options, error) {
 	out := fs.String("o", "", "also write the markdown report to this file")
 	drainN := fs.Int("drain", 100, "attachments in the drain (ADDed, then DELeted)")
 	par := fs.Int("par", 10, "parallel calls in the drain")
+	drainRuns := fs.Int("drain-runs", 1, "drains per plugin and scenario (median reported; plugins alternate)")
 	quick := fs.Bool("quick", false, "CI smoke mode: M=2000, N=0,100, 5 runs, drain of 20")
 	payload := fs.String("payload", "", "only write the iptables-restore payload for the first -m and -n to this file, and exit")
 	pgBin, upBin := defaultBins()
@@ -149,7 +151,7 @@ func parseFlags(args []string) (options, error) {
 			*drainN = 20
 		}
 	}
-	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
+	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
 	var err error
 	if o.Ms, err = parseInts(*m); err != nil {
 		return o, fmt.Errorf("-m: %v", err)
@@ -168,8 +170,8 @@ func parseFlags(args []string) (options, error) {
 	if o.Runs < 1 {
 		return o, fmt.Errorf("-runs: at least 1")
 	}
-	if o.Drain < 1 || o.Drain > maxDrain || o.DrainPar < 1 {
-		return o, fmt.Errorf("-drain must be in 1..%d and -par at least 1", maxDrain)
+	if o.Drain < 1 || o.Drain > maxDrain || o.DrainPar < 1 || o.DrainRuns < 1 {
+		return o, fmt.Errorf("-drain must be in 1..%d, -par and -drain-runs at least 1", maxDrain)
 	}
 	o.Payload = *payload
 	o.Command = "go run ./test/bench"

@@ -246,7 +246,11 @@ func (r *report) markdown() string {
 	}
 
 	if r.Opts.Only["DRAIN"] {
-		w("\n### Drain: %d attachments ADDed, then DELeted, %d calls in parallel (wall time, one sample)\n\n", r.Opts.Drain, r.Opts.DrainPar)
+		samples := "one sample"
+		if r.Opts.DrainRuns > 1 {
+			samples = fmt.Sprintf("median of %d", r.Opts.DrainRuns)
+		}
+		w("\n### Drain: %d attachments ADDed, then DELeted, %d calls in parallel (wall time, %s)\n\n", r.Opts.Drain, r.Opts.DrainPar, samples)
 		b.WriteString(row("M", "N", "phase", "upstream", "portguard", "ratio", "failed calls upstream", "failed calls portguard"))
 		b.WriteString(row("---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"))
 		for _, s := range r.Scenarios {
