@@ -77,10 +77,10 @@ func renderFindings(w io.Writer, fs []doctor.Finding) {
 		}
 		fmt.Fprintf(w, "%s %-12s %s\n", tag, f.Check, f.What)
 		if f.Why != "" {
-			fmt.Fprintf(w, "%s why: %s\n", strings.Repeat(" ", 23), f.Why)
+			fmt.Fprintf(w, "%s why: %s\n", strings.Repeat(" ", 22), f.Why)
 		}
 		if f.Fix != "" {
-			fmt.Fprintf(w, "%s fix: %s\n", strings.Repeat(" ", 23), f.Fix)
+			fmt.Fprintf(w, "%s fix: %s\n", strings.Repeat(" ", 22), f.Fix)
 		}
 	}
 	fmt.Fprintf(w, "\n%d errors, %d warnings\n", errs, warns)

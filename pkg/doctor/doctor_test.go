@@ -36,7 +36,9 @@ func newFake() *fakeEnv {
 	}
 }
 
-func (f *fakeEnv) conf(name, text string) { f.files["etc/cni/net.d/"+name] = &fstest.MapFile{Data: []byte(text)} }
+func (f *fakeEnv) conf(name, text string) {
+	f.files["etc/cni/net.d/"+name] = &fstest.MapFile{Data: []byte(text)}
+}
 func (f *fakeEnv) bin(names ...string) {
 	for _, n := range names {
 		f.files["opt/cni/bin/"+n] = &fstest.MapFile{Data: []byte("#!/bin/true"), Mode: 0o755}
