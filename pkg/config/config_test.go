@@ -39,11 +39,11 @@ func TestDefaultsMatchUpstream(t *testing.T) {
 
 func TestBadInputNamesTheField(t *testing.T) {
 	cases := map[string]string{
-		`"runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80,"protocol":"tcp"}]}`:                      "runtimeConfig.portMappings[0].hostPort",
-		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":0,"protocol":"tcp"}]}`:                          "runtimeConfig.portMappings[0].containerPort",
-		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}`:                        "runtimeConfig.portMappings[0].protocol",
-		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"1.2.3"}]}`:         "runtimeConfig.portMappings[0].hostIP",
-		`"runtimeConfig":{"portMappings":[{"hostPort":"80","containerPort":80,"protocol":"tcp"}]}`:                        "hostPort",
+		`"runtimeConfig":{"portMappings":[{"hostPort":70000,"containerPort":80,"protocol":"tcp"}]}`:               "runtimeConfig.portMappings[0].hostPort",
+		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":0,"protocol":"tcp"}]}`:                   "runtimeConfig.portMappings[0].containerPort",
+		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}`:                 "runtimeConfig.portMappings[0].protocol",
+		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"1.2.3"}]}`: "runtimeConfig.portMappings[0].hostIP",
+		`"runtimeConfig":{"portMappings":[{"hostPort":"80","containerPort":80,"protocol":"tcp"}]}`:                "hostPort",
 		`"markMasqBit":32`:                                        "markMasqBit",
 		`"markMasqBit":3,"externalSetMarkChain":"X"`:              "markMasqBit",
 		`"externalSetMarkChain":"A B"`:                            "externalSetMarkChain",

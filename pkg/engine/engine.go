@@ -6,6 +6,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -37,10 +38,15 @@ func New(lockTimeout time.Duration) *Engine {
 	}
 }
 
+// lock takes the host-wide lock and hands it to every iptables child, so that a child
+// outliving a killed plugin keeps it until its payload has landed.
 func (e *Engine) lock() (*lock.Lock, error) {
 	l, err := lock.Acquire(e.LockPath, e.LockTimeout)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
+	}
+	if x, ok := e.Runner.(*iptables.Exec); ok {
+		x.Inherit = []*os.File{l.File()}
 	}
 	return l, nil
 }

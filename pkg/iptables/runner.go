@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -31,7 +32,11 @@ type Exec struct {
 	// WaitSeconds bounds how long iptables-restore waits for the xtables lock.
 	WaitSeconds int
 	// Prefix runs each binary through another command, e.g. "ip netns exec NAME" in tests.
-	Prefix    []string
+	Prefix []string
+	// Inherit are files every child process inherits. The engine passes its lock file: if
+	// the plugin is SIGKILLed while iptables-restore runs, the child still holds the lock,
+	// so the next call cannot read, plan and write before the orphaned payload has landed.
+	Inherit   []*os.File
 	processes atomic.Int64
 }
 
@@ -57,6 +62,7 @@ func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string)
 	if len(e.Prefix) > 0 {
 		cmd = exec.Command(e.Prefix[0], append(append(e.Prefix[1:len(e.Prefix):len(e.Prefix)], path), args...)...)
 	}
+	cmd.ExtraFiles = e.Inherit
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if stdin != "" {

@@ -58,6 +58,10 @@ func Acquire(path string, timeout time.Duration) (*Lock, error) {
 	}
 }
 
+// File is the locked file. A child process that inherits it keeps the lock held after
+// this process dies, until the child ends too.
+func (l *Lock) File() *os.File { return l.f }
+
 // Release unlocks (closing the file drops the flock).
 func (l *Lock) Release() {
 	if l != nil && l.f != nil {

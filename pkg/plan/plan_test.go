@@ -180,8 +180,8 @@ func TestConflictRuleForHostIPs(t *testing.T) {
 		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.1"}`: true,  // same IP
 		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"0.0.0.0"}`:   true,  // wildcard vs specific
 		m8080: true,
-		`{"hostPort":8080,"containerPort":80,"protocol":"udp"}`: false, // other protocol
-		`{"hostPort":8081,"containerPort":80,"protocol":"tcp"}`: false, // other port
+		`{"hostPort":8080,"containerPort":80,"protocol":"udp"}`:                    false, // other protocol
+		`{"hostPort":8081,"containerPort":80,"protocol":"tcp"}`:                    false, // other port
 		`{"hostPort":8080,"containerPort":80,"protocol":"tcp","hostIP":"fd00::1"}`: false, // other family: no v4 claim
 	}
 	for m, conflict := range cases {
