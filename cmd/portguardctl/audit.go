@@ -93,20 +93,10 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	if err := render(stdout, rep); err != nil {
 		return envError{err}
 	}
-	if !healthyIgnoringUnavailable(rep) {
+	if !rep.Healthy {
 		return exitError(exitProblems)
 	}
 	return nil
-}
-
-// healthyIgnoringUnavailable is the audit's verdict: problems in a family that was read.
-func healthyIgnoringUnavailable(rep plan.AuditReport) bool {
-	for _, fa := range rep.Families {
-		if fa.Available && !fa.Healthy() {
-			return false
-		}
-	}
-	return true
 }
 
 func renderJSON(w io.Writer, rep plan.AuditReport) error {

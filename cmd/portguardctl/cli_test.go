@@ -104,3 +104,16 @@ func TestAuditWithFakeRunner(t *testing.T) {
 		t.Fatalf("dry-run exit %d payloads %d:\n%s", code, len(f.Payloads), out)
 	}
 }
+
+// A node without a usable ip6tables is healthy when IPv4 is: JSON and exit status agree.
+func TestUnavailableFamilyDoesNotMakeUnhealthy(t *testing.T) {
+	healthy := `*nat
+:PREROUTING ACCEPT [0:0]
+COMMIT
+`
+	withFake(t, &iptables.Fake{Tables: map[hostport.Family]string{hostport.V4: healthy}, Unusable: map[hostport.Family]bool{hostport.V6: true}})
+	out, _, code := runCLI("audit", "-o", "json")
+	if code != 0 || !strings.Contains(out, `"healthy": true`) || !strings.Contains(out, `"available": false`) {
+		t.Fatalf("exit %d:\n%s", code, out)
+	}
+}

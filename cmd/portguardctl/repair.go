@@ -156,7 +156,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	rep := auditStates(states, unavailable)
-	if healthyIgnoringUnavailable(rep) {
+	if rep.Healthy {
 		fmt.Fprintln(stdout, "audit after repair: healthy")
 		return nil
 	}

@@ -120,8 +120,10 @@ func NewAuditReport(fas []FamilyAudit) AuditReport {
 	if r.Families == nil {
 		r.Families = []FamilyAudit{}
 	}
+	// A family that could not be read (no IPv6 stack) does not make the node unhealthy;
+	// it shows as available=false, and the CLI fails when it was asked for explicitly.
 	for _, fa := range fas {
-		if !fa.Healthy() {
+		if fa.Available && len(fa.Problems) > 0 {
 			r.Healthy = false
 		}
 	}

@@ -296,3 +296,26 @@ COMMIT
 		t.Fatalf("new's jump not rewritten to 8080:\n%s", after)
 	}
 }
+
+// What portguard's own ADD writes (on a fresh node, then a takeover) audits healthy, and
+// repair has nothing to do: audit and ADD agree on the layout.
+func TestPortguardAddsAuditHealthy(t *testing.T) {
+	text := "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"
+	for _, id := range []string{"a", "b", "c"} {
+		s := stateOf(t, text)
+		Complete(s)
+		d := desired(t, id, `{"hostPort":8080,"containerPort":80,"protocol":"tcp"},{"hostPort":53,"containerPort":53,"protocol":"udp"}`)
+		res := Add(s, d, "takeover")
+		if res.Tx == nil || len(res.Need) > 0 {
+			t.Fatalf("add %s: %+v", id, res)
+		}
+		text = applyTx(t, text, res.Tx)
+		fa := Audit(stateOf(t, text))
+		if !fa.Healthy() || fa.Summary.Claims != 2 {
+			t.Fatalf("after ADD %s: %+v %+v\n%s", id, fa.Problems, fa.Summary, text)
+		}
+		if r, _ := Repair(stateOf(t, text), nil); r.Tx.Changes() {
+			t.Fatalf("repair after ADD %s: %v", id, r.Actions)
+		}
+	}
+}
