@@ -507,6 +507,8 @@ type callSpec struct {
 	// LeaveOrphans returns at once after a kill, while processes the plugin started may still
 	// run (by default a killed call returns once its whole process group is gone).
 	LeaveOrphans bool
+	// OnKill, when set, runs right after the SIGKILL was sent.
+	OnKill func()
 	// Started, when set, receives the call's process group id once it runs.
 	Started chan<- int
 }
@@ -545,6 +547,18 @@ func (r callResult) String() string {
 		s += fmt.Sprintf(" (%v)", r.Err)
 	}
 	return s
+}
+
+// short is String on one line, the error message cut to 160 characters.
+func (r callResult) short() string {
+	if r.Killed || r.Exit == 0 {
+		return r.String()
+	}
+	code, msg := r.cniError()
+	if len(msg) > 160 {
+		msg = msg[:160] + "..."
+	}
+	return fmt.Sprintf("exit %d in %s: code %d: %s", r.Exit, r.Dur.Round(time.Millisecond), code, msg)
 }
 
 func (n *node) pluginEnv(c callSpec) []string {
@@ -606,6 +620,9 @@ func (n *node) call(c callSpec) callResult {
 			syscall.Kill(-pgid, syscall.SIGKILL)
 		} else {
 			syscall.Kill(pgid, syscall.SIGKILL)
+		}
+		if c.OnKill != nil {
+			c.OnKill()
 		}
 		err = <-done
 	case <-overall.C:
