@@ -204,3 +204,71 @@ func Main(m *testing.M) int {
 	binsMu.Unlock()
 	return code
 }
+
+var (
+	extraMu   sync.Mutex
+	extraBins = map[string]string{}
+	extraDir  string
+)
+
+// ExtraPluginVersion is the containernetworking/plugins version go-installed for plugins that
+// are not in PORTGUARD_UPSTREAM_DIR.
+const ExtraPluginVersion = "v1.10.0"
+
+var extraPkgs = map[string]string{
+	"firewall":  "meta/firewall",
+	"tuning":    "meta/tuning",
+	"bandwidth": "meta/bandwidth",
+	"sbr":       "meta/sbr",
+	"loopback":  "main/loopback",
+	"ptp":       "main/ptp",
+	"macvlan":   "main/macvlan",
+	"static":    "ipam/static",
+	"dhcp":      "ipam/dhcp",
+}
+
+// ExtraPlugin returns the path of another upstream plugin (firewall, tuning, bandwidth, ...):
+// from PORTGUARD_UPSTREAM_DIR when it is there, else `go install`ed (containernetworking/
+// plugins ExtraPluginVersion) into a temporary directory once per test process.
+func ExtraPlugin(t testing.TB, name string) string {
+	t.Helper()
+	if p := filepath.Join(upstreamDir(), name); isExecutable(p) {
+		return p
+	}
+	extraMu.Lock()
+	defer extraMu.Unlock()
+	if p, ok := extraBins[name]; ok {
+		return p
+	}
+	pkg, ok := extraPkgs[name]
+	if !ok {
+		t.Fatalf("testbed: unknown upstream plugin %q", name)
+	}
+	if extraDir == "" {
+		d, err := os.MkdirTemp("", "pge-extra-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		extraDir = d
+		binsMu.Lock()
+		buildTempDirs = append(buildTempDirs, d)
+		binsMu.Unlock()
+	}
+	cmd := exec.Command("go", "install", "github.com/containernetworking/plugins/plugins/"+pkg+"@"+ExtraPluginVersion)
+	cmd.Dir = extraDir // outside any module
+	cmd.Env = append(os.Environ(), "GOBIN="+extraDir, "GOFLAGS=")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("testbed: plugin %s is not in %s and `go install` failed: %v\n%s", name, upstreamDir(), err, out)
+	}
+	p := filepath.Join(extraDir, name)
+	extraBins[name] = p
+	return p
+}
+
+// InstallExtraPlugins puts upstream plugins (see ExtraPlugin) into the bed's CNI_PATH.
+func (b *Bed) InstallExtraPlugins(names ...string) {
+	b.T.Helper()
+	for _, n := range names {
+		b.InstallPlugin(n, ExtraPlugin(b.T, n))
+	}
+}

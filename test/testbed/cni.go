@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 )
 
@@ -66,6 +67,9 @@ func (b *Bed) Network(c NetConfig) *Network {
 	k := b.netCount
 	b.netCount++
 	b.mu.Unlock()
+	if c.PortPlugin == "portguard" {
+		PortguardBinary(b.T) // fails the test with the build error when there is no plugin
+	}
 	if c.Name == "" {
 		c.Name = fmt.Sprintf("pge-%s-%d", b.ID, k)
 	}
@@ -107,6 +111,7 @@ func (b *Bed) Network(c NetConfig) *Network {
 	if err != nil {
 		b.T.Fatal(err)
 	}
+	b.ensureBridge(c.Bridge)
 	n := b.Conflist(raw)
 	n.Subnet4 = mustCIDR(c.Subnet4)
 	if !c.IPv4Only {
@@ -115,10 +120,35 @@ func (b *Bed) Network(c NetConfig) *Network {
 	return n
 }
 
+// ensureBridge creates the bridge in the node before the first ADD and pins its MAC address.
+// Otherwise the kernel changes the bridge's MAC as the first ports join, so parallel ADDs
+// cache different MACs for it and the bridge plugin's CHECK fails ("Mac doesn't match").
+func (b *Bed) ensureBridge(name string) {
+	b.T.Helper()
+	if _, err := b.Exec(b.Node, "ip", "link", "show", name); err == nil {
+		return
+	}
+	b.must("ip", "-n", b.Node, "link", "add", name, "type", "bridge")
+	out := b.MustExec(b.Node, "ip", "-br", "link", "show", name)
+	f := strings.Fields(out)
+	if len(f) < 3 {
+		b.T.Fatalf("cannot read the MAC of %s: %q", name, out)
+	}
+	b.must("ip", "-n", b.Node, "link", "set", name, "address", f[2], "up")
+}
+
 // BridgePlugin returns a bridge plugin config (gateway, hairpin, host-local with the bed's
 // per-test dataDir) for the given host-local ranges and routes. The "ips" capability lets a
 // call request addresses through CallOptions.IPs.
 func (b *Bed) BridgePlugin(bridge string, ranges, routes []any) map[string]any {
+	ipam := map[string]any{
+		"type":    "host-local",
+		"dataDir": b.IPAMDir,
+		"ranges":  ranges,
+	}
+	if len(routes) > 0 {
+		ipam["routes"] = routes
+	}
 	return map[string]any{
 		"type":         "bridge",
 		"bridge":       bridge,
@@ -126,12 +156,7 @@ func (b *Bed) BridgePlugin(bridge string, ranges, routes []any) map[string]any {
 		"ipMasq":       false,
 		"hairpinMode":  true,
 		"capabilities": map[string]any{"ips": true},
-		"ipam": map[string]any{
-			"type":    "host-local",
-			"dataDir": b.IPAMDir,
-			"ranges":  ranges,
-			"routes":  routes,
-		},
+		"ipam":         ipam,
 	}
 }
 
@@ -186,6 +211,8 @@ type Pod struct {
 	procs       []*podProc
 }
 
+var podNameRe = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+
 // NewPod creates a pod namespace. name is what the pod answers (default "p<k>").
 func (b *Bed) NewPod(name string) *Pod {
 	b.T.Helper()
@@ -195,6 +222,9 @@ func (b *Bed) NewPod(name string) *Pod {
 	b.mu.Unlock()
 	if name == "" {
 		name = fmt.Sprintf("p%d", k)
+	}
+	if !podNameRe.MatchString(name) {
+		b.T.Fatalf("testbed: pod name %q: use letters, digits, '.', '_', '-'", name)
 	}
 	ns := fmt.Sprintf("pge-%s-%d", b.ID, k)
 	path := "/var/run/netns/" + ns
@@ -254,7 +284,10 @@ func (p *Pod) Chain(n *Network) string { return ChainName(n.Name, p.ContainerID)
 // CallOptions tune one cnitool call.
 type CallOptions struct {
 	// Mappings for CAP_ARGS portMappings. For Del and Check, nil means "the mappings of the
-	// last ADD on this network" (what a runtime passes); use NoMappings to pass none.
+	// last ADD on this network" (what a runtime passes). add, del and check always send the
+	// portMappings capability, as CRI runtimes do ("portMappings": [] when there are none),
+	// unless NoMappings is set: then CAP_ARGS has no portMappings key at all and libcni
+	// injects no runtimeConfig.portMappings.
 	Mappings   []PortMapping
 	NoMappings bool
 	// IPs requests addresses from host-local (capability "ips"), e.g. "198.19.1.50/26".
@@ -314,7 +347,10 @@ func (n *Network) Call(verb string, p *Pod, o CallOptions) (*Result, error) {
 		b.mu.Unlock()
 	}
 	capArgs := map[string]any{}
-	if len(mappings) > 0 && !o.NoMappings {
+	if p != nil && !o.NoMappings && (verb == "add" || verb == "del" || verb == "check") {
+		if mappings == nil {
+			mappings = []PortMapping{}
+		}
 		capArgs["portMappings"] = mappings
 	}
 	if len(o.IPs) > 0 {
@@ -347,6 +383,13 @@ func (n *Network) Call(verb string, p *Pod, o CallOptions) (*Result, error) {
 	stdout, stderr, err := runOut(env, nil, args...)
 	res := &Result{Stdout: stdout, Stderr: stderr}
 	if err != nil {
+		if ee, ok := err.(*ExecError); ok {
+			msg := strings.TrimSpace(ee.Stderr)
+			if msg == "" {
+				msg = strings.TrimSpace(ee.Stdout)
+			}
+			return res, fmt.Errorf("cnitool %s %s (pod %s): %v: %s", verb, n.Name, podName(p), ee.Err, msg)
+		}
 		return res, fmt.Errorf("cnitool %s %s (pod %s): %w", verb, n.Name, podName(p), err)
 	}
 	if verb == "add" && p != nil {
@@ -423,4 +466,19 @@ func (b *Bed) PluginCall(plugin, command string, stdin []byte, env ...string) (*
 		return res, fmt.Errorf("plugin %s %s: %w", plugin, command, err)
 	}
 	return res, nil
+}
+
+// NthIP returns the k-th address of a subnet (k=1 is the first host address) in CIDR
+// notation with the subnet's prefix length, as host-local's "ips" capability wants it.
+func NthIP(subnet *net.IPNet, k int) string {
+	ip := make(net.IP, len(subnet.IP))
+	copy(ip, subnet.IP)
+	carry := k
+	for i := len(ip) - 1; i >= 0 && carry > 0; i-- {
+		sum := int(ip[i]) + carry
+		ip[i] = byte(sum & 0xff)
+		carry = sum >> 8
+	}
+	ones, _ := subnet.Mask.Size()
+	return fmt.Sprintf("%s/%d", ip, ones)
 }

@@ -235,14 +235,17 @@ func (b *Bed) HostportJumps(f Family) []string {
 // never change: every chain not named CNI-* with its policy, and every rule that is neither in
 // a CNI-* chain nor jumps to one, in order. Counters and comment lines are dropped, so two
 // dumps taken before and after a plugin call must be byte-identical.
-func ForeignNAT(save string) string {
+func ForeignNAT(save string) string { return Foreign(save, "nat") }
+
+// Foreign is ForeignNAT for any table of an iptables-save dump.
+func Foreign(save, table string) string {
 	var out []string
 	inNat := false
 	for _, line := range strings.Split(save, "\n") {
 		line = strings.TrimRight(line, "\r")
 		switch {
 		case strings.HasPrefix(line, "*"):
-			inNat = line == "*nat"
+			inNat = line == "*"+table
 		case !inNat || line == "" || strings.HasPrefix(line, "#") || line == "COMMIT":
 		case strings.HasPrefix(line, ":"):
 			f := strings.Fields(line[1:])
@@ -264,4 +267,29 @@ func ForeignNAT(save string) string {
 // "CNI-DN-" + the first 21 hex characters of sha512(network name + container ID).
 func ChainName(network, containerID string) string {
 	return utils.MustFormatChainNameWithPrefix(network, containerID, "DN-")
+}
+
+// Normalize drops comment lines and chain counters from an iptables-save dump, so two dumps of
+// an unchanged ruleset compare equal.
+func Normalize(save string) string {
+	var out []string
+	for _, line := range strings.Split(save, "\n") {
+		line = strings.TrimRight(line, "\r")
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if strings.HasPrefix(line, ":") {
+			if f := strings.Fields(line); len(f) >= 2 {
+				line = f[0] + " " + f[1]
+			}
+		}
+		out = append(out, line)
+	}
+	return strings.Join(out, "\n")
+}
+
+// SaveAll returns `iptables-save` (all tables) of the node for a family.
+func (b *Bed) SaveAll(f Family) string {
+	b.T.Helper()
+	return b.MustExec(b.Node, saveCmd(f))
 }

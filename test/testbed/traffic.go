@@ -41,15 +41,19 @@ func (p *Pod) Serve(ports ...int) {
 	if len(ports) == 0 {
 		ports = []int{80}
 	}
-	reply := "EXEC:/bin/echo " + p.Name
+	// TCP: the client sends nothing, echo answers and the connection closes. UDP: the child
+	// must consume the datagram socat writes to its stdin before answering, or socat can hit
+	// EPIPE and drop the answer.
+	tcpReply := "EXEC:/bin/echo " + p.Name
+	udpReply := "SYSTEM:head -c1 >/dev/null; echo " + p.Name
 	for _, port := range ports {
-		for _, l := range []struct{ addr, proto string }{
-			{fmt.Sprintf("TCP4-LISTEN:%d,reuseaddr,fork", port), "tcp"},
-			{fmt.Sprintf("TCP6-LISTEN:%d,ipv6only=1,reuseaddr,fork", port), "tcp6"},
-			{fmt.Sprintf("UDP4-RECVFROM:%d,reuseaddr,fork", port), "udp"},
-			{fmt.Sprintf("UDP6-RECVFROM:%d,ipv6only=1,reuseaddr,fork", port), "udp6"},
+		for _, l := range []struct{ addr, proto, reply string }{
+			{fmt.Sprintf("TCP4-LISTEN:%d,reuseaddr,fork", port), "tcp", tcpReply},
+			{fmt.Sprintf("TCP6-LISTEN:%d,ipv6only=1,reuseaddr,fork", port), "tcp6", tcpReply},
+			{fmt.Sprintf("UDP4-RECVFROM:%d,reuseaddr,fork", port), "udp", udpReply},
+			{fmt.Sprintf("UDP6-RECVFROM:%d,ipv6only=1,reuseaddr,fork", port), "udp6", udpReply},
 		} {
-			cmd := exec.Command("ip", "netns", "exec", p.NetNS, "socat", l.addr, reply)
+			cmd := exec.Command("ip", "netns", "exec", p.NetNS, "socat", l.addr, l.reply)
 			cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 			cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
 			if err := cmd.Start(); err != nil {
@@ -167,18 +171,32 @@ func ConnectTCP(fromNS, addr string, port int) (string, error) {
 	return strings.TrimSpace(string(data)), nil
 }
 
-// SendUDP sends one datagram from a bed namespace to addr:port and returns the first answer
+// SendUDP sends a datagram from a bed namespace to addr:port and returns the first answer
 // (trimmed): the name of the pod that answered. It tries up to 3 times within ~Timeout.
 func SendUDP(fromNS, addr string, port int) (string, error) {
+	return sendUDP(fromNS, 0, addr, port)
+}
+
+// SendUDPFromPort is SendUDP from a fixed source port, so successive calls belong to the same
+// conntrack entry (to test that stale UDP entries are flushed).
+func SendUDPFromPort(fromNS string, srcPort int, addr string, port int) (string, error) {
+	return sendUDP(fromNS, srcPort, addr, port)
+}
+
+func sendUDP(fromNS string, srcPort int, addr string, port int) (string, error) {
 	ip, err := checkTarget(fromNS, addr)
 	if err != nil {
 		return "", err
 	}
 	target := net.JoinHostPort(ip.String(), strconv.Itoa(port))
-	var conn net.Conn
+	var conn *net.UDPConn
 	err = inNetns(fromNS, func() error {
+		var laddr *net.UDPAddr
+		if srcPort != 0 {
+			laddr = &net.UDPAddr{Port: srcPort}
+		}
 		var err error
-		conn, err = net.Dial("udp", target)
+		conn, err = net.DialUDP("udp", laddr, &net.UDPAddr{IP: ip, Port: port})
 		return err
 	})
 	if err != nil {
@@ -203,7 +221,7 @@ func SendUDP(fromNS, addr string, port int) (string, error) {
 			time.Sleep(Timeout / 6)
 		}
 	}
-	return "", fmt.Errorf("udp %s -> %s: no answer: %w", fromNS, target, lastErr)
+	return "", fmt.Errorf("udp %s:%d -> %s: no answer: %w", fromNS, srcPort, target, lastErr)
 }
 
 // Dial is ConnectTCP or SendUDP by protocol name ("tcp" or "udp").
@@ -212,34 +230,4 @@ func Dial(proto, fromNS, addr string, port int) (string, error) {
 		return SendUDP(fromNS, addr, port)
 	}
 	return ConnectTCP(fromNS, addr, port)
-}
-
-// SendUDPFromPort is SendUDP from a fixed source port, so successive calls hit the same
-// conntrack entry (to test that stale UDP entries are flushed).
-func SendUDPFromPort(fromNS string, srcPort int, addr string, port int) (string, error) {
-	ip, err := checkTarget(fromNS, addr)
-	if err != nil {
-		return "", err
-	}
-	target := net.JoinHostPort(ip.String(), strconv.Itoa(port))
-	var conn *net.UDPConn
-	err = inNetns(fromNS, func() error {
-		var err error
-		conn, err = net.DialUDP("udp", &net.UDPAddr{Port: srcPort}, &net.UDPAddr{IP: ip, Port: port})
-		return err
-	})
-	if err != nil {
-		return "", fmt.Errorf("udp %s:%d -> %s: %w", fromNS, srcPort, target, err)
-	}
-	defer conn.Close()
-	if _, err := conn.Write([]byte("ping\n")); err != nil {
-		return "", err
-	}
-	_ = conn.SetReadDeadline(time.Now().Add(Timeout))
-	buf := make([]byte, 512)
-	n, err := conn.Read(buf)
-	if err != nil {
-		return "", fmt.Errorf("udp %s:%d -> %s: no answer: %w", fromNS, srcPort, target, err)
-	}
-	return strings.TrimSpace(string(buf[:n])), nil
 }
