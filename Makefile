@@ -72,7 +72,7 @@ bench: deps build
 	$(GO) run ./test/bench $(BENCH_ARGS)
 
 stress: deps build
-	PORTGUARD_STRESS_OPS=5000 $(GO) test -count=1 -timeout 60m -run 'TestCrash' -v ./test/e2e/
+	PORTGUARD_STRESS_OPS=5000 $(GO) test -count=1 -timeout 60m -run 'TestCrash' -v ./test/stress/
 
 clean:
 	rm -rf $(BIN)
