@@ -179,7 +179,7 @@ func TestDryRunChangesNothing(t *testing.T) {
 	if after := saveNat(t, ns, hostport.V6); after != before6 {
 		t.Fatalf("--dry-run changed the ipv6 table")
 	}
-	for _, want := range []string{"*nat", "COMMIT", "-X " + hostport.ChainName(other), "-X " + hostport.ChainName(wrong), "-X " + hostport.ChainName(live), "# ipv6: nothing to repair"} {
+	for _, want := range []string{"*nat", "COMMIT", "-X " + hostport.ChainName(other), "-X " + hostport.ChainName(wrong), "-X " + hostport.ChainName(stale), "# ipv6: nothing to repair"} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("dry-run output lacks %q:\n%s", want, r.stdout)
 		}
@@ -307,7 +307,9 @@ func TestBlogPostStateReachesLivePod(t *testing.T) {
 
 // TestRepairDefaultKeepsTheWinner: without --keep, repair does not move traffic: the claim
 // that wins today stays.
-func TestRepairDefaultKeepsTheWinner(t *testing.T) {
+// Upstream appends each new jump, so the last claim on a port is the last added: the
+// live pod's, in the blog post's story.
+func TestRepairDefaultKeepsTheLastAdded(t *testing.T) {
 	needRoot(t)
 	ns := newNS(t)
 	u := newUpstream(t, ns, hostport.V4)
@@ -318,7 +320,7 @@ func TestRepairDefaultKeepsTheWinner(t *testing.T) {
 	}
 	rep, _ := auditJSON(t, ns, "--family", "4")
 	cl := rep.Families[0].Ports[0].Claims
-	if len(cl) != 1 || cl[0].ContainerID != stale.ContainerID || cl[0].Status != plan.StatusWins {
+	if len(cl) != 1 || cl[0].ContainerID != live.ContainerID || cl[0].Status != plan.StatusWins {
 		t.Fatalf("claims after repair: %+v", cl)
 	}
 	// --keep for an owner that has no claim is a usage error, and changes nothing.

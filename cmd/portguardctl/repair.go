@@ -7,8 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
-	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/lock"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
@@ -137,7 +137,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintf(stdout, "%s: nothing to repair\n", p.s.Family)
 			continue
 		}
-		if err := apply(r, p.s.Family, p.res.Tx); err != nil {
+		if err := engine.Apply(r, p.s.Family, p.res.Tx); err != nil {
 			failed = append(failed, fmt.Errorf("%s: %w (nothing of this family's repair was applied)", p.s.Family, err))
 			continue
 		}
@@ -178,17 +178,3 @@ func restoreTool(f hostport.Family) string {
 
 // apply renders and applies one transaction; a refused payload is explained by the
 // purpose of the line that failed.
-func apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
-	payload, err := tx.Render()
-	if err != nil {
-		return err
-	}
-	err = r.Restore(f, payload)
-	var re *iptables.RestoreError
-	if errors.As(err, &re) {
-		if why := tx.Explain(re.Line); why != "" {
-			return fmt.Errorf("%w (line %d: %s)", re, re.Line, why)
-		}
-	}
-	return err
-}

@@ -70,9 +70,9 @@ func planWith(r iptables.Runner, s *state.State, planner func(*state.State) plan
 	}
 }
 
-// apply renders and applies a transaction; a refused payload is explained by the failing
+// Apply renders and applies a transaction; a refused payload is explained by the failing
 // line's purpose.
-func apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
+func Apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
 	if tx.Empty() {
 		return nil
 	}
@@ -159,7 +159,7 @@ func (e *Engine) applyAdd(p addPlan, policy string) ([]plan.Takeover, error) {
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
 			return nil, rejectError(p.d, p.res.Conflicts)
 		}
-		err := apply(e.Runner, p.d.Family, p.res.Tx)
+		err := Apply(e.Runner, p.d.Family, p.res.Tx)
 		if err == nil {
 			for _, t := range p.res.Takeovers {
 				if e.OnTakeover != nil {
@@ -224,7 +224,7 @@ func (e *Engine) delFamily(c *config.Config, owner hostport.Owner, f hostport.Fa
 	// Common case: the runtime passes the same mappings as on ADD, and the attachment is
 	// exactly as installed: remove it without reading anything.
 	if len(d.Jumps) > 0 && (hasIP || c.PrevResult == nil) {
-		err := apply(e.Runner, f, plan.DelBlind(d))
+		err := Apply(e.Runner, f, plan.DelBlind(d))
 		var re *iptables.RestoreError
 		if err == nil || !errors.As(err, &re) {
 			return err
@@ -242,7 +242,7 @@ func (e *Engine) delFamily(c *config.Config, owner hostport.Owner, f hostport.Fa
 		if err != nil {
 			return err
 		}
-		err = apply(e.Runner, f, res.Tx)
+		err = Apply(e.Runner, f, res.Tx)
 		var re *iptables.RestoreError
 		if err == nil || attempt > 0 || !errors.As(err, &re) {
 			return err
@@ -278,7 +278,7 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) error {
 			continue
 		}
 		// The assertions change nothing; the first one that fails names the problem.
-		if err := apply(e.Runner, f, res.Tx); err != nil {
+		if err := Apply(e.Runner, f, res.Tx); err != nil {
 			var re *iptables.RestoreError
 			if why := res.Tx.Explain(lineOf(err, &re)); why != "" {
 				problems = append(problems, why)
@@ -323,7 +323,7 @@ func (e *Engine) GC(network string, valid map[string]bool) ([]hostport.Owner, er
 			continue
 		}
 		res, gone := plan.GC(s, network, valid)
-		if err := apply(e.Runner, f, res.Tx); err != nil {
+		if err := Apply(e.Runner, f, res.Tx); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", f, err))
 			continue
 		}

@@ -18,6 +18,8 @@ type Table struct {
 	Chains  map[string]*Chain
 	Order   []string // chain names in the order they were first seen
 	Missing map[string]bool
+	// Full says the whole table was read (iptables-save): every chain not in Chains is absent.
+	Full bool
 }
 
 // NewTable returns an empty table.
@@ -28,8 +30,11 @@ func NewTable() *Table {
 // Known reports whether the chain was read (present or missing).
 func (t *Table) Known(name string) bool {
 	_, ok := t.Chains[name]
-	return ok || t.Missing[name]
+	return ok || t.Full || t.Missing[name]
 }
+
+// Absent reports whether the chain was read and found missing.
+func (t *Table) Absent(name string) bool { return t.Known(name) && !t.Has(name) }
 
 // Has reports whether the chain was read and exists.
 func (t *Table) Has(name string) bool { _, ok := t.Chains[name]; return ok }

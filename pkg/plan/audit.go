@@ -148,18 +148,10 @@ type analysis struct {
 	conflicts []string         // --keep owners that conflict with each other
 }
 
-// Complete marks the shared chains absent from a full read (iptables-save) as missing, so
-// planners can tell "absent" from "not read". Call it on states from state.ObserveAll only.
-func Complete(s *state.State) {
-	for _, c := range append([]string{state.DNATChain}, state.SharedChains...) {
-		if !s.Table.Has(c) {
-			s.Table.Missing[c] = true
-		}
-	}
-	s.Refresh()
-}
-
-func analyze(s *state.State, keep map[hostport.Owner]bool) *analysis {
+// analyze models every claim. lastWins decides contested ports among owners not in keep:
+// false is the kernel's view (the first jump wins; audit), true keeps the last jump
+// (repair: upstream portmap appends, so the last claim is the newest one).
+func analyze(s *state.State, keep map[hostport.Owner]bool, lastWins bool) *analysis {
 	an := &analysis{s: s, jumpOnly: map[string][]string{}, dnatOnly: map[string][]string{}, markBit: markBit(s)}
 	seen := map[string]bool{}
 	for _, j := range s.Jumps {
@@ -206,7 +198,7 @@ func analyze(s *state.State, keep map[hostport.Owner]bool) *analysis {
 	for _, c := range an.claims {
 		c.Network, c.ContainerID = c.owner.Network, c.owner.ContainerID
 	}
-	an.resolve(keep)
+	an.resolve(keep, lastWins)
 
 	for _, a := range s.AttachmentsSorted() {
 		if !a.Exists {
@@ -242,14 +234,21 @@ func analyze(s *state.State, keep map[hostport.Owner]bool) *analysis {
 }
 
 // resolve decides which claims win: claims of kept owners first (in jump order), then
-// every other claim in jump order; a claim that conflicts with one already winning is
-// shadowed by it. Without keep this is exactly what the kernel does: the first matching
-// jump of CNI-HOSTPORT-DNAT gets the packet.
-func (an *analysis) resolve(keep map[hostport.Owner]bool) {
+// every other claim in jump order (reversed when lastWins); a claim that conflicts with one
+// already winning is shadowed by it. Without keep and lastWins this is exactly what the
+// kernel does: the first matching jump of CNI-HOSTPORT-DNAT gets the packet.
+func (an *analysis) resolve(keep map[hostport.Owner]bool, lastWins bool) {
 	var winners []*AuditClaim
 	found := map[hostport.Owner]bool{}
 	pass := func(kept bool) {
-		for _, c := range an.claims {
+		order := an.claims
+		if lastWins && !kept {
+			order = make([]*AuditClaim, len(an.claims))
+			for i, c := range an.claims {
+				order[len(an.claims)-1-i] = c
+			}
+		}
+		for _, c := range order {
 			if c.Status == StatusNoDNAT || keep[c.owner] != kept {
 				continue
 			}
@@ -358,8 +357,7 @@ func ownerText(o hostport.Owner, chain string) string {
 // Audit reports every claim per host port and every problem in one family's nat table.
 // The state must be complete (state.ObserveAll).
 func Audit(s *state.State) FamilyAudit {
-	Complete(s)
-	an := analyze(s, nil)
+	an := analyze(s, nil, false)
 	fa := FamilyAudit{Family: s.Family, Available: true, Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
 
 	byPort := map[string]*PortClaims{}
@@ -401,7 +399,7 @@ func Audit(s *state.State) FamilyAudit {
 			Protocol: c.m.Claim.Proto, HostPort: c.m.Claim.HostPort,
 			Message: fmt.Sprintf("%s: the claim of %s at rule %d (-> %s) is shadowed by %s (-> %s): packets to the port go to %s, never to this pod",
 				c.m.Claim, ownerText(c.owner, c.Chain), c.Position, c.Destination, wtext, wdest, wdest),
-			Fix: fmt.Sprintf("portguardctl repair --family %d (keeps the winning claim and removes this one), or portguardctl repair --family %d --keep %s to keep this one instead",
+			Fix: fmt.Sprintf("portguardctl repair --family %d (keeps the last added claim on the port, i.e. its last jump, and removes the others), or portguardctl repair --family %d --keep %s to keep this one",
 				int(s.Family), int(s.Family), c.owner)})
 	}
 	for _, j := range an.dupJumps {

@@ -48,6 +48,7 @@ func stateOf(t *testing.T, text string) *state.State {
 	if err := tb.Parse(text); err != nil {
 		t.Fatal(err)
 	}
+	tb.Full = true // a whole table, as state.ObserveAll reads it
 	return state.New(hostport.V4, tb)
 }
 
@@ -202,7 +203,8 @@ func TestRepairBlogState(t *testing.T) {
 	if !fa.Healthy() {
 		t.Fatalf("after repair: %+v\n%s", fa.Problems, after)
 	}
-	if len(fa.Ports) != 1 || len(fa.Ports[0].Claims) != 1 || fa.Ports[0].Claims[0].ContainerID != "old" {
+	// By default the last added claim (upstream appends: the last jump) is kept.
+	if len(fa.Ports) != 1 || len(fa.Ports[0].Claims) != 1 || fa.Ports[0].Claims[0].ContainerID != "new" {
 		t.Fatalf("after repair ports: %+v", fa.Ports)
 	}
 	for _, keep := range []string{"KUBE-SERVICES", `"kubernetes service portals"`} {
@@ -210,14 +212,14 @@ func TestRepairBlogState(t *testing.T) {
 			t.Errorf("repair lost %s", keep)
 		}
 	}
-	// --keep the shadowed pod instead.
-	res, err = Repair(stateOf(t, text), map[hostport.Owner]bool{ownerNew: true})
+	// --keep the first claim instead.
+	res, err = Repair(stateOf(t, text), map[hostport.Owner]bool{ownerOld: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	fa = Audit(stateOf(t, applyTx(t, text, res.Tx)))
-	if !fa.Healthy() || len(fa.Ports[0].Claims) != 1 || fa.Ports[0].Claims[0].ContainerID != "new" {
-		t.Fatalf("--keep new: %+v %+v", fa.Problems, fa.Ports)
+	if !fa.Healthy() || len(fa.Ports[0].Claims) != 1 || fa.Ports[0].Claims[0].ContainerID != "old" {
+		t.Fatalf("--keep old: %+v %+v", fa.Problems, fa.Ports)
 	}
 }
 
@@ -266,8 +268,8 @@ func TestAuditSharedAndOrphans(t *testing.T) {
 
 func TestAuditHostIPsAndPartialLoss(t *testing.T) {
 	// old claims 8080 on 192.0.2.1 and 9090 on every address; new claims 8080 on 192.0.2.7
-	// (no conflict) and 9090 (conflict). Repair keeps old's 9090 (first), removes new's 9090
-	// only: new keeps its chain for 8080.
+	// (no conflict) and 9090 (conflict). Repair keeps new's 9090 (the last added), removes
+	// old's 9090 only: old keeps its chain for 8080.
 	co, cn := hostport.ChainName(ownerOld), hostport.ChainName(ownerNew)
 	text := sharedHead + fmt.Sprintf(`:%[1]s - [0:0]
 :%[2]s - [0:0]
@@ -292,8 +294,8 @@ COMMIT
 	if !fa.Healthy() || fa.Summary.Claims != 3 {
 		t.Fatalf("after: %+v %+v\n%s", fa.Problems, fa.Summary, after)
 	}
-	if !strings.Contains(after, "--dports 8080 -j "+cn) {
-		t.Fatalf("new's jump not rewritten to 8080:\n%s", after)
+	if !strings.Contains(after, "--dports 8080 -j "+co) || !strings.Contains(after, "--dports 8080,9090 -j "+cn) {
+		t.Fatalf("old's jump not rewritten to 8080, or new's touched:\n%s", after)
 	}
 }
 
@@ -303,7 +305,6 @@ func TestPortguardAddsAuditHealthy(t *testing.T) {
 	text := "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n"
 	for _, id := range []string{"a", "b", "c"} {
 		s := stateOf(t, text)
-		Complete(s)
 		d := desired(t, id, `{"hostPort":8080,"containerPort":80,"protocol":"tcp"},{"hostPort":53,"containerPort":53,"protocol":"udp"}`)
 		res := Add(s, d, "takeover")
 		if res.Tx == nil || len(res.Need) > 0 {

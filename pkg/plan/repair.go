@@ -20,8 +20,10 @@ type RepairResult struct {
 // Repair plans the fix of everything Audit reports, as one transaction:
 //
 //   - a contested host port keeps one claim: the claim of an owner in keep, otherwise the
-//     one that wins in the kernel today (the first in CNI-HOSTPORT-DNAT, which is the newest
-//     one on a portguard node since portguard inserts new jumps at the top). The others
+//     last added one, taken to be the last in CNI-HOSTPORT-DNAT: upstream portmap appends
+//     each new jump, so on the nodes repair is for, the first claim is the stale one and
+//     the last is the live pod's. (portguard itself never leaves two claims on a port,
+//     except under conflictPolicy allow, where it puts the newest first; use --keep.) The others
 //     lose their conflicting mappings with the same mechanics as ADD's takeover (takeOver):
 //     the whole chain and its jumps when nothing else remains, otherwise the mapping's
 //     rules and a jump rewritten to the ports still served;
@@ -36,8 +38,7 @@ type RepairResult struct {
 // rules are written. The state must be complete (state.ObserveAll). Keep owners that
 // conflict with each other are an error.
 func Repair(s *state.State, keep map[hostport.Owner]bool) (RepairResult, error) {
-	Complete(s)
-	an := analyze(s, keep)
+	an := analyze(s, keep, true)
 	res := RepairResult{Tx: &iptables.Tx{}, UnknownKeep: an.unknown}
 	sort.Slice(res.UnknownKeep, func(i, j int) bool { return res.UnknownKeep[i].String() < res.UnknownKeep[j].String() })
 	if len(an.conflicts) > 0 {

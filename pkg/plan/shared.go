@@ -11,7 +11,7 @@ import (
 // with -C instead, so the payload fails rather than guess, and the caller reads and replans.
 func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, markBit int) {
 	t := s.Table
-	dnatNew := t.Missing[state.DNATChain]
+	dnatNew := t.Absent(state.DNATChain)
 	if dnatNew {
 		tx.DeclareChain(state.DNATChain, "create "+state.DNATChain)
 	}
@@ -25,13 +25,13 @@ func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, mark
 		chain string
 		rule  iptables.Rule
 	}{{state.SetMarkChain, state.SetMarkRule(markBit)}, {state.MasqChain, state.MasqRule(markBit)}} {
-		isNew := t.Missing[sc.chain]
+		isNew := t.Absent(sc.chain)
 		if isNew {
 			tx.DeclareChain(sc.chain, "create "+sc.chain)
 		}
 		ensureRule(tx, s, sc.rule, isNew, false, sc.chain+" rule")
 	}
-	ensureRule(tx, s, state.MasqJump(), t.Missing[state.MasqChain], true, "POSTROUTING jump -> "+state.MasqChain)
+	ensureRule(tx, s, state.MasqJump(), t.Absent(state.MasqChain), true, "POSTROUTING jump -> "+state.MasqChain)
 }
 
 // ensureRule appends (or prepends) r when it is known to be absent, asserts it when its

@@ -91,6 +91,7 @@ func ObserveAll(r iptables.Runner, f hostport.Family) (*State, error) {
 	if err := r.Save(f, t); err != nil {
 		return nil, err
 	}
+	t.Full = true
 	return New(f, t), nil
 }
 
@@ -132,7 +133,7 @@ func (s *State) Refresh() {
 		}
 	}
 	for name, a := range s.Attachments {
-		if s.Table.Missing[name] {
+		if s.Table.Absent(name) {
 			a.Read = true
 		}
 	}
