@@ -51,6 +51,18 @@ func (e *Engine) lock() (*lock.Lock, error) {
 	return l, nil
 }
 
+// cniError gives the errors a runtime may retry their CNI code: a lock held too long.
+func cniError(err error) error {
+	var ce *types.Error
+	if err == nil || errors.As(err, &ce) {
+		return err
+	}
+	if errors.Is(err, iptables.ErrXtablesLock) {
+		return types.NewError(types.ErrTryAgainLater, err.Error(), "")
+	}
+	return err
+}
+
 // maxReplans bounds the read-more-and-plan-again loop (each round reads new chains only).
 const maxReplans = 4
 
@@ -93,7 +105,8 @@ func Apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
 // Add installs the attachment in every family the pod has an address in. Every family
 // is planned before any is applied, so a rejected conflict in one family leaves the other
 // untouched too.
-func (e *Engine) Add(c *config.Config, owner hostport.Owner) ([]plan.Takeover, error) {
+func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover, err error) {
+	defer func() { err = cniError(err) }()
 	l, err := e.lock()
 	if err != nil {
 		return nil, err
@@ -193,7 +206,8 @@ func rejectError(d plan.Desired, cs []plan.Conflict) error {
 
 // Del removes the attachment from every family; it succeeds when there is nothing to
 // remove and when only some families' iptables work.
-func (e *Engine) Del(c *config.Config, owner hostport.Owner) error {
+func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
+	defer func() { err = cniError(err) }()
 	l, err := e.lock()
 	if err != nil {
 		return err
@@ -254,7 +268,8 @@ func (e *Engine) delFamily(c *config.Config, owner hostport.Owner, f hostport.Fa
 }
 
 // Check validates the attachment in the families the pod has addresses in.
-func (e *Engine) Check(c *config.Config, owner hostport.Owner) error {
+func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
+	defer func() { err = cniError(err) }()
 	var problems []string
 	for _, f := range hostport.Families {
 		ip, ok := c.PodIPs[f]
@@ -279,6 +294,9 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) error {
 		}
 		// The assertions change nothing; the first one that fails names the problem.
 		if err := Apply(e.Runner, f, res.Tx); err != nil {
+			if errors.Is(err, iptables.ErrXtablesLock) {
+				return err
+			}
 			var re *iptables.RestoreError
 			if why := res.Tx.Explain(lineOf(err, &re)); why != "" {
 				problems = append(problems, why)
@@ -302,7 +320,8 @@ func lineOf(err error, re **iptables.RestoreError) int {
 
 // GC removes this network's attachments whose container IDs are not in valid. It goes on
 // past errors and reports them all.
-func (e *Engine) GC(network string, valid map[string]bool) ([]hostport.Owner, error) {
+func (e *Engine) GC(network string, valid map[string]bool) (_ []hostport.Owner, err error) {
+	defer func() { err = cniError(err) }()
 	l, err := e.lock()
 	if err != nil {
 		return nil, err

@@ -81,12 +81,35 @@ func missingChain(stderr string) bool {
 		strings.Contains(stderr, "is incompatible, use 'nft' tool")
 }
 
+func (e *Exec) wait() string {
+	w := e.WaitSeconds
+	if w <= 0 {
+		w = 60
+	}
+	return strconv.Itoa(w)
+}
+
+// ErrXtablesLock is returned when iptables-legacy gave up waiting for the xtables lock
+// (iptables-nft takes none).
+var ErrXtablesLock = errors.New("timed out waiting for the xtables lock")
+
+func lockError(f hostport.Family, stderr, wait string) error {
+	if strings.Contains(stderr, "holding the xtables lock") {
+		return fmt.Errorf("%w after %ss (%s: another program, e.g. kube-proxy, holds it)", ErrXtablesLock, wait, binary(f, "tables"))
+	}
+	return nil
+}
+
 func (e *Exec) List(f hostport.Family, chain string, t *Table) error {
-	out, stderr, err := e.run(f, "tables", "", "-t", "nat", "-S", chain)
+	// -w bounds the wait: iptables-legacy otherwise waits for the xtables lock forever.
+	out, stderr, err := e.run(f, "tables", "", "-w", e.wait(), "-t", "nat", "-S", chain)
 	if err != nil {
 		if missingChain(stderr) {
 			t.Missing[chain] = true
 			return nil
+		}
+		if lerr := lockError(f, stderr, e.wait()); lerr != nil {
+			return lerr
 		}
 		return fmt.Errorf("%s -t nat -S %s: %v: %s", binary(f, "tables"), chain, err, stderr)
 	}
@@ -110,14 +133,13 @@ type RestoreError struct {
 func (r *RestoreError) Error() string { return "iptables-restore: " + r.Stderr }
 
 func (e *Exec) Restore(f hostport.Family, payload string) error {
-	wait := e.WaitSeconds
-	if wait <= 0 {
-		wait = 60
-	}
-	_, stderr, err := e.run(f, "tables-restore", payload, "--noflush", "--wait="+strconv.Itoa(wait))
+	_, stderr, err := e.run(f, "tables-restore", payload, "--noflush", "--wait="+e.wait())
 	if err != nil {
 		if errors.Is(err, ErrUnavailable) {
 			return err
+		}
+		if lerr := lockError(f, stderr, e.wait()); lerr != nil {
+			return lerr
 		}
 		return &RestoreError{Line: FailedLine(stderr), Stderr: stderr}
 	}
@@ -125,8 +147,20 @@ func (e *Exec) Restore(f hostport.Family, payload string) error {
 }
 
 func (e *Exec) Probe(f hostport.Family) error {
-	// Listing one built-in chain without -w takes no xtables lock and reads no full table.
-	_, stderr, err := e.run(f, "tables", "", "-t", "nat", "-S", "POSTROUTING", "1")
+	// STATUS is polled: it must neither wait for the xtables lock nor read a whole table.
+	// iptables-legacy takes the lock even to list one rule, so there the version answer is
+	// the probe; iptables-nft takes no lock, so it also lists one built-in rule.
+	out, stderr, err := e.run(f, "tables", "", "-V")
+	if err != nil {
+		if errors.Is(err, ErrUnavailable) {
+			return err
+		}
+		return fmt.Errorf("%w: %s -V: %v %s", ErrUnavailable, binary(f, "tables"), err, stderr)
+	}
+	if !strings.Contains(out, "nf_tables") {
+		return nil
+	}
+	_, stderr, err = e.run(f, "tables", "", "-t", "nat", "-S", "POSTROUTING", "1")
 	if err != nil {
 		if errors.Is(err, ErrUnavailable) {
 			return err
