@@ -350,7 +350,15 @@ func (r *report) markdown() string {
 	if n := len(r.Scenarios); n > 0 && len(r.Scenarios[n-1].Ops) > 0 {
 		s := r.Scenarios[n-1]
 		w("\n### iptables processes per call (M=%d, N=%d, warm-up call with the shim)\n\n```\n", s.M, s.N)
-		for _, o := range s.Ops {
+		var list []opStats
+		list = append(list, s.Ops...)
+		for _, o := range s.NoMap {
+			if o.Procs > 0 {
+				o.Op += " without mappings"
+				list = append(list, o)
+			}
+		}
+		for _, o := range list {
 			w("%s %s: %d processes, %.0f ms of %.0f ms in iptables, largest child %s\n", o.Plugin, o.Op, o.Procs, o.ProcMs, o.CountMs, fmtMiB(o.ChildRSSKiB))
 			for _, c := range o.Cmds {
 				if len(c) > 160 {
