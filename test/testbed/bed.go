@@ -169,11 +169,13 @@ func New(t testing.TB, opts ...Options) *Bed {
 
 	// One cleanup, registered before anything is created: on failure it first logs the nat
 	// tables and the shim log, then kills responders and deletes every namespace.
+	recordOwner(id)
 	t.Cleanup(func() {
 		if t.Failed() {
 			b.dumpState()
 		}
 		b.cleanup()
+		forgetOwner(id)
 	})
 
 	b.mustNetns(b.Node)

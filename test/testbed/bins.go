@@ -196,6 +196,9 @@ func Main(m *testing.M) int {
 	if !set {
 		_ = flag.Set("test.parallel", "4")
 	}
+	if os.Geteuid() == 0 {
+		SweepStale()
+	}
 	code := m.Run()
 	binsMu.Lock()
 	for _, d := range buildTempDirs {

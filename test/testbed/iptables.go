@@ -92,7 +92,12 @@ func iptCmd(f Family) string {
 
 // SaveNAT returns `iptables-save -t nat` (or ip6tables-save) of the node.
 func (b *Bed) SaveNAT(f Family) (string, error) {
-	return b.Exec(b.Node, saveCmd(f), "-t", "nat")
+	return b.SaveNATIn(b.Node, f)
+}
+
+// SaveNATIn returns `iptables-save -t nat` (or ip6tables-save) of any bed namespace.
+func (b *Bed) SaveNATIn(ns string, f Family) (string, error) {
+	return b.Exec(ns, saveCmd(f), "-t", "nat")
 }
 
 // MustSaveNAT is SaveNAT failing the test on error.

@@ -253,3 +253,27 @@ func TestNoPortPluginRunsNoIptables(t *testing.T) {
 		t.Fatalf("bridge+host-local started iptables processes: %s", strings.Join(calls, "; "))
 	}
 }
+
+// TestUpstreamGCAndStatus proves the gc and status helpers: `cnitool gc` DELs every cached
+// attachment of the network (also one whose sandbox is gone), STATUS succeeds.
+func TestUpstreamGCAndStatus(t *testing.T) {
+	t.Parallel()
+	b := New(t)
+	n := b.Network(NetConfig{PortPlugin: "portmap", IPv4Only: true})
+	other := b.Network(NetConfig{PortPlugin: "portmap", IPv4Only: true, Bridge: "cni1"})
+	alive, dead, keep := b.NewPod(""), b.NewPod(""), b.NewPod("")
+	n.MustAdd(alive, TCP(8500, 80))
+	n.MustAdd(dead, TCP(8501, 80))
+	other.MustAdd(keep, TCP(8502, 80))
+	dead.Kill()
+	if _, err := n.Status(); err != nil {
+		t.Errorf("STATUS: %v", err)
+	}
+	if _, err := n.GC(); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	st := b.NAT(V4)
+	if d := st.DNChains(); len(d) != 1 || d[0] != keep.Chain(other) {
+		t.Errorf("chains after GC of %s: %v, want only %s of the other network", n.Name, d, keep.Chain(other))
+	}
+}
