@@ -231,11 +231,31 @@ func (b *Bed) waitLinkReady() {
 
 // InstallPlugin puts src into the bed's CNI_PATH under the given file name, replacing what was
 // there (use it to install portguard as "portmap", or to swap binaries between calls).
+//
+// Under its own base name the plugin is symlinked. Under another name it is hard-linked (or
+// copied), so that even /proc/self/exe shows the installed name, as on a node where the binary
+// was copied to /opt/cni/bin/portmap.
 func (b *Bed) InstallPlugin(name, src string) {
 	b.T.Helper()
 	dst := filepath.Join(b.CNIBinDir, name)
 	_ = os.Remove(dst)
-	if err := os.Symlink(src, dst); err != nil {
+	if filepath.Base(src) == name {
+		if err := os.Symlink(src, dst); err != nil {
+			b.T.Fatal(err)
+		}
+		return
+	}
+	if real, err := filepath.EvalSymlinks(src); err == nil {
+		src = real
+	}
+	if err := os.Link(src, dst); err == nil {
+		return
+	}
+	data, err := os.ReadFile(src)
+	if err != nil {
+		b.T.Fatal(err)
+	}
+	if err := os.WriteFile(dst, data, 0o755); err != nil {
 		b.T.Fatal(err)
 	}
 }
