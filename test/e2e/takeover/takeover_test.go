@@ -336,3 +336,55 @@ func TestUpstreamStaleStateCleanedByPortguard(t *testing.T) {
 		t.Errorf("CHECK of C: %v", err)
 	}
 }
+
+// Partial overlap against a chain written by upstream portmap: the old pod held tcp 8080,
+// tcp 9090 and udp 8080; a portguard ADD (dropped in as "portmap") claims tcp 8080 only.
+// tcp 9090 and udp 8080 still reach the old pod; its udp jump is untouched.
+func TestPartialOverlapOfUpstreamChain(t *testing.T) {
+	b := newBed(t)
+	n := b.Network(tb.NetConfig{PortPlugin: "portmap"}) // upstream v1.10.0
+	old := b.NewPod("old")
+	n.MustAdd(old, tb.TCP(8080, 80), tb.TCP(9090, 80), tb.UDP(8080, 80))
+	old.Serve(80)
+	udpJumps := map[tb.Family][]string{}
+	for _, f := range families {
+		for _, j := range jumps(b, f, old.Chain(n)) {
+			if strings.Contains(j, "-p udp") {
+				udpJumps[f] = append(udpJumps[f], j)
+			} else if !strings.Contains(j, "8080,9090") {
+				t.Fatalf("%s: upstream tcp jump %q does not hold both ports: precondition gone", f, j)
+			}
+		}
+		if len(udpJumps[f]) != 1 {
+			t.Fatalf("%s: upstream wrote udp jumps %q, want one", f, udpJumps[f])
+		}
+	}
+
+	b.InstallPlugin("portmap", tb.PortguardBinary(t))
+	nw := b.NewPod("new")
+	nw.Serve(80)
+	n.MustAdd(nw, tb.TCP(8080, 80))
+	for _, f := range families {
+		wantChains(t, b, f, old.Chain(n), nw.Chain(n))
+		var tcp, udp []string
+		for _, j := range jumps(b, f, old.Chain(n)) {
+			if strings.Contains(j, "-p udp") {
+				udp = append(udp, j)
+			} else {
+				tcp = append(tcp, j)
+			}
+		}
+		if len(tcp) != 1 || !strings.Contains(tcp[0], "9090") || strings.Contains(tcp[0], "8080") {
+			t.Errorf("%s: old pod's tcp jumps %q, want one for 9090 only", f, tcp)
+		}
+		if strings.Join(udp, "\n") != strings.Join(udpJumps[f], "\n") {
+			t.Errorf("%s: old pod's udp jump changed: %q, was %q", f, udp, udpJumps[f])
+		}
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8080, "new")
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 9090, "old")
+		wantAnswer(t, b, "udp", b.NodeIP(f), 8080, "old")
+	}
+	if err := n.Check(nw); err != nil {
+		t.Errorf("CHECK of the new pod: %v", err)
+	}
+}
