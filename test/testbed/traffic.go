@@ -190,15 +190,26 @@ func sendUDP(fromNS string, srcPort int, addr string, port int) (string, error) 
 	}
 	target := net.JoinHostPort(ip.String(), strconv.Itoa(port))
 	var conn *net.UDPConn
-	err = inNetns(fromNS, func() error {
-		var laddr *net.UDPAddr
-		if srcPort != 0 {
-			laddr = &net.UDPAddr{Port: srcPort}
+	network := "udp4"
+	if ip.To4() == nil {
+		network = "udp6"
+	}
+	for attempt := 0; ; attempt++ {
+		err = inNetns(fromNS, func() error {
+			var laddr *net.UDPAddr
+			if srcPort != 0 {
+				laddr = &net.UDPAddr{Port: srcPort}
+			}
+			var err error
+			conn, err = net.DialUDP(network, laddr, &net.UDPAddr{IP: ip, Port: port})
+			return err
+		})
+		// a fixed source port just released by the previous call: try again briefly
+		if err == nil || srcPort == 0 || !errors.Is(err, syscall.EADDRINUSE) || attempt >= 10 {
+			break
 		}
-		var err error
-		conn, err = net.DialUDP("udp", laddr, &net.UDPAddr{IP: ip, Port: port})
-		return err
-	})
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		return "", fmt.Errorf("udp %s -> %s: %w", fromNS, target, err)
 	}
