@@ -465,8 +465,9 @@ func TestManyPorts(t *testing.T) {
 	expectClean(t, b)
 }
 
-// TestInvalidMappingChangesNothing: a hostPort out of range fails the ADD with an error that
-// names the field, and the nat table is exactly as before (upstream leaks an empty chain).
+// TestInvalidMappingChangesNothing: an invalid mapping (hostPort out of range, unknown
+// protocol, malformed hostIP) fails the ADD with an error that names the field, and the nat
+// table is exactly as before (upstream leaks an empty chain for hostPort 70000).
 func TestInvalidMappingChangesNothing(t *testing.T) {
 	t.Parallel()
 	b, n := pgBed(t)
@@ -476,23 +477,60 @@ func TestInvalidMappingChangesNothing(t *testing.T) {
 	for _, f := range families {
 		before[f] = tb.Normalize(b.MustSaveNAT(f))
 	}
-	bad := b.NewPod("bad")
-	_, err := n.Add(bad, tb.TCP(8151, 80), tb.TCP(70000, 80))
-	if err == nil {
-		t.Fatal("ADD with hostPort 70000 succeeded")
-	}
-	if !strings.Contains(err.Error(), "hostPort") {
-		t.Errorf("error does not name the field hostPort: %v", err)
-	}
-	if strings.Contains(err.Error(), "goroutine ") {
-		t.Errorf("error carries a Go stack trace: %v", err)
-	}
-	for _, f := range families {
-		if after := tb.Normalize(b.MustSaveNAT(f)); after != before[f] {
-			t.Errorf("%s: nat table changed by a refused ADD:\nbefore:\n%s\nafter:\n%s", f, before[f], after)
+	for _, c := range []struct {
+		field string
+		bad   tb.PortMapping
+	}{
+		{"hostPort", tb.TCP(70000, 80)},
+		{"containerPort", tb.TCP(8152, 0)},
+		{"protocol", tb.PortMapping{HostPort: 8153, ContainerPort: 80, Protocol: "icmp"}},
+		{"hostIP", tb.TCP(8154, 80).On("198.18.0.999")},
+	} {
+		bad := b.NewPod("")
+		_, err := n.Add(bad, tb.TCP(8151, 80), c.bad)
+		if err == nil {
+			t.Errorf("ADD with invalid %s %+v succeeded", c.field, c.bad)
+			continue
+		}
+		t.Logf("invalid %s: %v", c.field, err)
+		if !strings.Contains(err.Error(), c.field) {
+			t.Errorf("error does not name the field %s: %v", c.field, err)
+		}
+		if strings.Contains(err.Error(), "goroutine ") {
+			t.Errorf("error carries a Go stack trace: %v", err)
+		}
+		for _, f := range families {
+			if after := tb.Normalize(b.MustSaveNAT(f)); after != before[f] {
+				t.Errorf("%s: nat table changed by an ADD refused for %s:\nbefore:\n%s\nafter:\n%s", f, c.field, before[f], after)
+			}
 		}
 	}
 	n.MustDel(ok)
+}
+
+// TestIPv4OnlyNetwork: on a single-stack network, ADD touches only IPv4 and CHECK does not
+// fail for the family the pod does not have.
+func TestIPv4OnlyNetwork(t *testing.T) {
+	t.Parallel()
+	b, n := pgBed(t, tb.NetConfig{IPv4Only: true})
+	p := b.NewPod("v4")
+	n.MustAdd(p, tb.TCP(8170, 80), tb.UDP(8170, 80))
+	p.Serve()
+	if p.IP6 != nil {
+		t.Fatalf("pod got an IPv6 address %v on an IPv4-only network", p.IP6)
+	}
+	if err := n.Check(p); err != nil {
+		t.Errorf("CHECK: %v", err)
+	}
+	if d := b.DNChains(tb.V6); len(d) != 0 {
+		t.Errorf("IPv6 chains for an IPv4-only pod: %v", d)
+	}
+	for _, proto := range protos() {
+		expectAnswer(t, proto, b.Client, b.NodeIP4.String(), 8170, "v4")
+	}
+	expectAnswer(t, "tcp", b.Node, "127.0.0.1", 8170, "v4")
+	n.MustDel(p)
+	expectClean(t, b)
 }
 
 // TestUDPConntrackFlushed: a UDP flow keeps its conntrack entry across calls unless the
