@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
 )
@@ -57,7 +58,7 @@ func cmdGC(args []string, stdout, stderr io.Writer) error {
 	}
 	e := engine.New(*timeout)
 	e.Runner = newRunner(*timeout)
-	removed, err := e.GC(*network, valid)
+	removed, err := e.GC(*network, valid, cnicache.Owners(cnicache.Dir(), *network))
 	for _, o := range removed {
 		fmt.Fprintf(stdout, "removed %s (chain %s)\n", o, hostport.ChainName(o))
 	}

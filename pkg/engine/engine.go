@@ -318,38 +318,65 @@ func lineOf(err error, re **iptables.RestoreError) int {
 	return 0
 }
 
-// GC removes this network's attachments whose container IDs are not in valid. It goes on
-// past errors and reports them all.
-func (e *Engine) GC(network string, valid map[string]bool) (_ []hostport.Owner, err error) {
+// GC removes this network's attachments whose container IDs are not in valid, and the
+// chains of such attachments that no jump enters any more. It goes on past errors and
+// reports them all.
+func (e *Engine) GC(network string, valid map[string]bool, cached []hostport.Owner) (_ []hostport.Owner, err error) {
 	defer func() { err = cniError(err) }()
 	l, err := e.lock()
 	if err != nil {
 		return nil, err
 	}
 	defer l.Release()
-	var removed []hostport.Owner
 	var errs []error
-	usable := 0
+	// Ownership lives in the jump comments of CNI-HOSTPORT-DNAT: one read per family.
+	states := map[hostport.Family]*state.State{}
+	suspects := append([]hostport.Owner(nil), cached...)
 	for _, f := range hostport.Families {
-		// Ownership lives in the jump comments of CNI-HOSTPORT-DNAT: one read suffices.
 		s, err := state.Observe(e.Runner, f, state.DNATChain)
 		if errors.Is(err, iptables.ErrUnavailable) {
 			continue
 		}
-		usable++
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", f, err))
 			continue
 		}
-		res, gone := plan.GC(s, network, valid)
-		if err := Apply(e.Runner, f, res.Tx); err != nil {
+		states[f] = s
+		for _, a := range s.Attachments {
+			if len(a.Jumps) > 0 && a.Owner.Network == network {
+				suspects = append(suspects, a.Owner)
+			}
+		}
+	}
+	if len(states) == 0 && len(errs) == 0 {
+		errs = append(errs, fmt.Errorf("neither iptables nor ip6tables is usable"))
+	}
+	var removed []hostport.Owner
+	seen := map[hostport.Owner]bool{}
+	for _, f := range hostport.Families {
+		s := states[f]
+		if s == nil {
+			continue
+		}
+		var gone []hostport.Owner
+		res, err := planWith(e.Runner, s, func(s *state.State) plan.Result {
+			r, g := plan.GC(s, network, valid, suspects)
+			gone = g
+			return r
+		})
+		if err == nil {
+			err = Apply(e.Runner, f, res.Tx)
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", f, err))
 			continue
 		}
-		removed = append(removed, gone...)
-	}
-	if usable == 0 {
-		errs = append(errs, fmt.Errorf("neither iptables nor ip6tables is usable"))
+		for _, o := range gone {
+			if !seen[o] {
+				seen[o] = true
+				removed = append(removed, o)
+			}
+		}
 	}
 	return removed, errors.Join(errs...)
 }

@@ -47,16 +47,40 @@ func removeAttachment(tx *iptables.Tx, a *state.Attachment, why string) {
 }
 
 // GC removes every attachment of network whose container ID is not valid. Ownership comes
-// from the jump comments, since GC gets no runtimeConfig; the state must be complete.
-func GC(s *state.State, network string, valid map[string]bool) (Result, []hostport.Owner) {
+// from the jump comments, since GC gets no runtimeConfig. Suspects are owners known from
+// elsewhere (the other family's jumps, the runtime's cache): a chain of theirs that no jump
+// enters any more is found by its name and removed too; unread ones are asked for in Need.
+func GC(s *state.State, network string, valid map[string]bool, suspects []hostport.Owner) (Result, []hostport.Owner) {
 	tx := &iptables.Tx{}
 	var removed []hostport.Owner
+	gone := map[hostport.Owner]bool{}
 	for _, a := range s.AttachmentsSorted() {
-		if a.Owner.Network != network || valid[a.Owner.ContainerID] {
+		if len(a.Jumps) == 0 || a.Owner.Network != network || valid[a.Owner.ContainerID] {
 			continue
 		}
 		removeAttachment(tx, a, fmt.Sprintf("gc %s (%s)", a.Chain, a.Owner))
 		removed = append(removed, a.Owner)
+		gone[a.Owner] = true
+	}
+	var need []string
+	for _, o := range suspects {
+		if o.Network != network || valid[o.ContainerID] || gone[o] {
+			continue
+		}
+		chain := hostport.ChainName(o)
+		if !s.Table.Known(chain) {
+			need = append(need, chain)
+			continue
+		}
+		if a := s.Attachments[chain]; a != nil && a.Exists && len(a.Jumps) == 0 {
+			tx.RemoveChain(chain, fmt.Sprintf("gc orphan %s (%s)", chain, o))
+			removed = append(removed, o)
+			gone[o] = true
+		}
+	}
+	if len(need) > 0 {
+		sort.Strings(need)
+		return Result{Need: need}, nil
 	}
 	sort.Slice(removed, func(i, j int) bool { return removed[i].ContainerID < removed[j].ContainerID })
 	return Result{Tx: tx}, removed

@@ -262,7 +262,7 @@ func TestGCRemovesOnlyThisNetworksInvalidAttachments(t *testing.T) {
 		lines = append(append(lines, "-N "+chain, jump), rules...)
 	}
 	s := table(t, []string{state.DNATChain}, lines...)
-	res, removed := GC(s, "net", map[string]bool{"keep": true})
+	res, removed := GC(s, "net", map[string]bool{"keep": true}, nil)
 	p := render(t, res.Tx)
 	gone := hostport.ChainName(hostport.Owner{Network: "net", ContainerID: "gone"})
 	if len(removed) != 1 || removed[0].ContainerID != "gone" || !strings.Contains(p, "-X "+gone) || strings.Count(p, "-X ") != 1 {
@@ -285,5 +285,20 @@ func TestDelBlindAndDel(t *testing.T) {
 	res = Del(table(t, []string{state.DNATChain, "CNI-DN-none"}, "-N CNI-HOSTPORT-DNAT"), "CNI-DN-none")
 	if !res.Tx.Empty() {
 		t.Fatal("deleting a never-added attachment changes something")
+	}
+}
+
+func TestGCFindsOrphansOfSuspects(t *testing.T) {
+	orphan := hostport.Owner{Network: "net", ContainerID: "crashed"}
+	chain := hostport.ChainName(orphan)
+	lines := []string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, "-A " + chain + " -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.0.9:80"}
+	suspects := []hostport.Owner{orphan, {Network: "othernet", ContainerID: "crashed"}, {Network: "net", ContainerID: "valid"}}
+	res, _ := GC(table(t, []string{state.DNATChain}, lines...), "net", map[string]bool{"valid": true}, suspects)
+	if len(res.Need) != 1 || res.Need[0] != chain {
+		t.Fatalf("only this network's invalid suspect's chain must be read, need %v", res.Need)
+	}
+	res, removed := GC(table(t, []string{state.DNATChain, chain}, lines...), "net", map[string]bool{"valid": true}, suspects)
+	if p := render(t, res.Tx); len(removed) != 1 || !strings.Contains(p, "-X "+chain) {
+		t.Fatalf("orphan not removed: %v\n%s", removed, p)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/portguard/portguard/pkg/buildinfo"
+	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/conntrack"
 	"github.com/portguard/portguard/pkg/engine"
@@ -128,7 +129,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, a := range c.Raw.ValidAttachments {
 		valid[a.ContainerID] = true
 	}
-	removed, err := engine.New(c.LockTimeout).GC(c.Network, valid)
+	removed, err := engine.New(c.LockTimeout).GC(c.Network, valid, cnicache.Owners(cnicache.Dir(), c.Network))
 	for _, o := range removed {
 		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o})
 	}
