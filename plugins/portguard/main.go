@@ -6,6 +6,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log"
 	"os"
@@ -133,10 +134,11 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, o := range removed {
 		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o})
 	}
-	if err != nil {
+	var ce *types.Error
+	if err != nil && !errors.As(err, &ce) {
 		return types.NewError(types.ErrInternal, "GC of network "+c.Network+" incomplete: "+err.Error(), "")
 	}
-	return nil
+	return err
 }
 
 func cmdStatus(args *skel.CmdArgs) error {
