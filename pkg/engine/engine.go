@@ -102,6 +102,22 @@ func Apply(r iptables.Runner, f hostport.Family, tx *iptables.Tx) error {
 	return err
 }
 
+// podDesired is what the attachment wants in each family the pod has an address in and
+// some mapping applies to; ADD installs it and CHECK validates it.
+func podDesired(c *config.Config, owner hostport.Owner) []plan.Desired {
+	var out []plan.Desired
+	for _, f := range hostport.Families {
+		ip, ok := c.PodIPs[f]
+		if !ok {
+			continue
+		}
+		if d := plan.DesiredFor(c, owner, f, ip); len(d.Mappings) > 0 {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 // Add installs the attachment in every family the pod has an address in. Every family
 // is planned before any is applied, so a rejected conflict in one family leaves the other
 // untouched too.
@@ -113,18 +129,10 @@ func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover,
 	}
 	defer l.Release()
 	var pending []addPlan
-	for _, f := range hostport.Families {
-		ip, ok := c.PodIPs[f]
-		if !ok {
-			continue
-		}
-		d := plan.DesiredFor(c, owner, f, ip)
-		if len(d.Mappings) == 0 {
-			continue
-		}
+	for _, d := range podDesired(c, owner) {
 		p, err := e.planAdd(d, c.Policy)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", f, err)
+			return nil, fmt.Errorf("%s: %w", d.Family, err)
 		}
 		if c.Policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
 			return nil, rejectError(d, p.res.Conflicts)
@@ -271,15 +279,8 @@ func (e *Engine) delFamily(c *config.Config, owner hostport.Owner, f hostport.Fa
 func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 	defer func() { err = cniError(err) }()
 	var problems []string
-	for _, f := range hostport.Families {
-		ip, ok := c.PodIPs[f]
-		if !ok {
-			continue
-		}
-		d := plan.DesiredFor(c, owner, f, ip)
-		if len(d.Mappings) == 0 {
-			continue
-		}
+	for _, d := range podDesired(c, owner) {
+		f := d.Family
 		s, err := state.Observe(e.Runner, f, state.DNATChain)
 		if err != nil {
 			return err
