@@ -650,6 +650,27 @@ func (n *node) call(c callSpec) callResult {
 	return res
 }
 
+// takeLock takes the host-wide portguard lock the way the plugin does (flock(2) on
+// PORTGUARD_LOCK_FILE), waiting up to timeout. Release by closing the file.
+func (n *node) takeLock(timeout time.Duration) (*os.File, error) {
+	f, err := os.OpenFile(n.lockFile, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("portguard lock %s not free after %s: %v", n.lockFile, timeout, err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
 // waitGroupGone waits until no live (non-zombie) process is left in a process group.
 func waitGroupGone(pgid int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
