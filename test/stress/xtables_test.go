@@ -26,7 +26,7 @@ func (n *node) legacyShim(t *testing.T) (lockPath string) {
 	} {
 		real, err := exec.LookPath(pair[1])
 		if err != nil {
-			t.Skipf("%s not installed", pair[1])
+			skipOrFail(t, pair[1]+" not installed (Debian package iptables)")
 		}
 		script := fmt.Sprintf("#!/bin/sh\nexec '%s' \"$@\"\n", real)
 		if err := os.WriteFile(filepath.Join(n.shimDir, pair[0]), []byte(script), 0o755); err != nil {
@@ -47,7 +47,7 @@ func TestXtablesLockTimeoutLegacy(t *testing.T) {
 	env := []string{"XTABLES_LOCKFILE=" + xlock}
 	first := &attachment{Name: "first", Network: "xnet", ID: "first", IP4: "198.18.70.10/24", Maps: []mapping{{"tcp", 8080, 80}}}
 	if r := n.call(callSpec{Verb: "ADD", ID: first.ID, Stdin: first.netConf(1, nil), Env: env}); r.Exit != 0 {
-		t.Skipf("iptables-legacy does not work here: ADD: %s", r.short())
+		skipOrFail(t, "iptables-legacy does not work here: ADD: "+r.short())
 	}
 
 	f, err := os.OpenFile(xlock, os.O_CREATE|os.O_RDWR, 0o600)
