@@ -6,7 +6,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/state"
 )
 
@@ -212,5 +211,3 @@ func verifyShared(o *observation) []string {
 	}
 	return problems
 }
-
-func familyName(f hostport.Family) string { return f.String() }
