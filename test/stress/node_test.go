@@ -690,10 +690,16 @@ func groupAlive(pgid int) bool {
 	if err := syscall.Kill(-pgid, 0); err == syscall.ESRCH {
 		return false
 	}
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
+	if _, err := os.ReadDir("/proc"); err != nil {
 		return true
 	}
+	return len(groupMembers(pgid)) > 0
+}
+
+// groupMembers lists the live (non-zombie) processes of a group as "pid comm state".
+func groupMembers(pgid int) []string {
+	var out []string
+	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
@@ -713,8 +719,9 @@ func groupAlive(pgid int) bool {
 			continue
 		}
 		if g, _ := strconv.Atoi(f[2]); g == pgid && pid > 0 {
-			return true
+			comm := strings.TrimSpace(s[strings.IndexByte(s, '(')+1 : i])
+			out = append(out, fmt.Sprintf("%d %s %s", pid, comm, f[0]))
 		}
 	}
-	return false
+	return out
 }
