@@ -52,6 +52,9 @@ type NetConf struct {
 	RuntimeConfig        struct {
 		PortMaps []PortMapEntry `json:"portMappings,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
+	// PortMappingsSent says the runtime passed the portMappings key at all (a list, empty or
+	// null), as runtimes do once the conflist declares the capability.
+	PortMappingsSent bool `json:"-"`
 
 	ConflictPolicy string `json:"conflictPolicy,omitempty"`
 	LogFile        string `json:"logFile,omitempty"`
@@ -120,6 +123,12 @@ func Parse(stdin []byte, ifName string) (*Config, error) {
 	raw := &NetConf{}
 	if err := json.Unmarshal(stdin, raw); err != nil {
 		return nil, decodeError(err)
+	}
+	var sent struct {
+		RuntimeConfig map[string]json.RawMessage `json:"runtimeConfig"`
+	}
+	if json.Unmarshal(stdin, &sent) == nil {
+		_, raw.PortMappingsSent = sent.RuntimeConfig["portMappings"]
 	}
 	c := &Config{Raw: raw, Network: raw.Name, CNIVersion: raw.CNIVersion, MasqAll: raw.MasqAll,
 		Conditions: map[hostport.Family][]string{}, PodIPs: map[hostport.Family]netip.Prefix{}}

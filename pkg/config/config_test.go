@@ -103,12 +103,14 @@ func TestDuplicateMappings(t *testing.T) {
 }
 
 func TestExplicitEmptyMappingsDifferFromAbsent(t *testing.T) {
-	c, _ := parse(t, `"runtimeConfig":{"portMappings":[]}`)
-	if c.Raw.RuntimeConfig.PortMaps == nil {
-		t.Fatal("explicit empty list read as absent")
+	for _, body := range []string{`"runtimeConfig":{"portMappings":[]}`, `"runtimeConfig":{"portMappings":null}`} {
+		if c, _ := parse(t, body); !c.Raw.PortMappingsSent {
+			t.Fatalf("%s read as absent", body)
+		}
 	}
-	c, _ = parse(t, `"snat":false`)
-	if c.Raw.RuntimeConfig.PortMaps != nil || c.SNAT {
-		t.Fatal("absent list read as present, or snat:false ignored")
+	for _, body := range []string{`"snat":false`, `"runtimeConfig":{"bandwidth":{}}`} {
+		if c, _ := parse(t, body); c.Raw.PortMappingsSent {
+			t.Fatalf("%s read as present", body)
+		}
 	}
 }

@@ -100,11 +100,12 @@ func cmdDel(args *skel.CmdArgs) error {
 	return nil
 }
 
-// attachmentMayExist tells an explicit empty portMappings list (CRI runtimes send one for
-// pods without host ports; it must cost no iptables process) from a runtime that sent no
-// runtimeConfig at all on DEL: then the attachment may still have rules, and we look.
+// attachmentMayExist tells a runtime that passed portMappings (an empty list or null: a
+// pod without host ports, which must cost no iptables process) from one that passed no
+// portMappings key on DEL at all (plugins#509): then the attachment may still have rules
+// from its ADD, and we look.
 func attachmentMayExist(c *config.Config) bool {
-	return c.Raw.RuntimeConfig.PortMaps == nil
+	return !c.Raw.PortMappingsSent
 }
 
 func cmdCheck(args *skel.CmdArgs) error {

@@ -62,6 +62,9 @@ func netConf(p plugin, a attachment, podNetns string, mappings bool) []byte {
 		"capabilities": map[string]bool{"portMappings": true},
 		"prevResult":   prev,
 	}
+	// A pod without host ports gets an empty list, as CRI runtimes send it once the
+	// conflist declares the capability.
+	conf["runtimeConfig"] = map[string]any{"portMappings": []map[string]any{}}
 	if mappings {
 		conf["runtimeConfig"] = map[string]any{"portMappings": []map[string]any{
 			{"hostPort": a.Ports[0], "containerPort": containerPorts[0], "protocol": "tcp"},
