@@ -71,7 +71,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	}
 	r := newRunner(*timeout)
 	if !*dry {
-		l, err := lock.Acquire(lock.Path(), *timeout)
+		l, err := lock.Acquire(lock.Path(), lock.Exclusive, *timeout)
 		if err != nil {
 			return envError{err}
 		}

@@ -40,8 +40,12 @@ func New(lockTimeout time.Duration) *Engine {
 
 // lock takes the host-wide lock and hands it to every iptables child, so that a child
 // outliving a killed plugin keeps it until its payload has landed.
-func (e *Engine) lock() (*lock.Lock, error) {
-	l, err := lock.Acquire(e.LockPath, e.LockTimeout)
+func (e *Engine) lock(mode ...lock.Mode) (*lock.Lock, error) {
+	m := lock.Exclusive
+	if len(mode) > 0 {
+		m = mode[0]
+	}
+	l, err := lock.Acquire(e.LockPath, m, e.LockTimeout)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
 	}
@@ -214,44 +218,73 @@ func rejectError(d plan.Desired, cs []plan.Conflict) error {
 
 // Del removes the attachment from every family; it succeeds when there is nothing to
 // remove and when only some families' iptables work.
+//
+// The common DEL reads nothing: the runtime passes the mappings of the ADD, so the jumps
+// and the chain to delete are known, and one payload removes them or fails whole. Such
+// payloads only touch the attachment's own rules, so they run under the shared lock: a
+// node drain's DELs go in parallel, while ADD, GC and repair (exclusive) never interleave
+// with them. Whatever the blind payload could not remove is read and planned under the
+// exclusive lock.
 func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 	defer func() { err = cniError(err) }()
-	l, err := e.lock()
+	var errs []error
+	var slow []hostport.Family
+	tried, usable := 0, 0
+	l, err := e.lock(lock.Shared)
 	if err != nil {
 		return err
 	}
-	defer l.Release()
-	var errs []error
-	usable := 0
 	for _, f := range hostport.Families {
-		err := e.delFamily(c, owner, f)
-		if errors.Is(err, iptables.ErrUnavailable) {
+		_, hasIP := c.PodIPs[f]
+		if c.PrevResult != nil && !hasIP {
+			continue // prevResult is the ADD's result: ADD wrote nothing in this family
+		}
+		tried++
+		d := plan.DesiredFor(c, owner, f, c.PodIPs[f])
+		if len(d.Jumps) == 0 {
+			slow = append(slow, f)
 			continue
 		}
-		usable++
-		if err != nil {
+		err := Apply(e.Runner, f, plan.DelBlind(d))
+		var re *iptables.RestoreError
+		switch {
+		case errors.Is(err, iptables.ErrUnavailable):
+		case errors.As(err, &re):
+			slow = append(slow, f)
+		case err != nil:
+			usable++
 			errs = append(errs, fmt.Errorf("%s: %w", f, err))
+		default:
+			usable++
 		}
 	}
-	if usable == 0 {
+	l.Release()
+	if len(slow) > 0 {
+		if l, err = e.lock(); err != nil {
+			return err
+		}
+		defer l.Release()
+		for _, f := range slow {
+			err := e.delFamily(owner, f)
+			if errors.Is(err, iptables.ErrUnavailable) {
+				continue
+			}
+			usable++
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", f, err))
+			}
+		}
+	}
+	if tried > 0 && usable == 0 {
 		return fmt.Errorf("neither iptables nor ip6tables is usable")
 	}
 	return errors.Join(errs...)
 }
 
-func (e *Engine) delFamily(c *config.Config, owner hostport.Owner, f hostport.Family) error {
+// delFamily removes what the table shows of the attachment: every jump to its chain, and
+// the chain.
+func (e *Engine) delFamily(owner hostport.Owner, f hostport.Family) error {
 	chain := hostport.ChainName(owner)
-	_, hasIP := c.PodIPs[f]
-	d := plan.DesiredFor(c, owner, f, c.PodIPs[f])
-	// Common case: the runtime passes the same mappings as on ADD, and the attachment is
-	// exactly as installed: remove it without reading anything.
-	if len(d.Jumps) > 0 && (hasIP || c.PrevResult == nil) {
-		err := Apply(e.Runner, f, plan.DelBlind(d))
-		var re *iptables.RestoreError
-		if err == nil || !errors.As(err, &re) {
-			return err
-		}
-	}
 	s, err := state.Observe(e.Runner, f, state.DNATChain)
 	if err != nil {
 		return err

@@ -291,7 +291,7 @@ func TestKernelGC(t *testing.T) {
 
 func TestLockTimesOutAndSurvivesKill(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "lock")
-	held, err := lock.Acquire(path, time.Second)
+	held, err := lock.Acquire(path, lock.Exclusive, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,12 +308,12 @@ func TestLockTimesOutAndSurvivesKill(t *testing.T) {
 		t.Skip("flock(1) not available")
 	}
 	time.Sleep(200 * time.Millisecond)
-	if _, err := lock.Acquire(path, 100*time.Millisecond); err == nil {
+	if _, err := lock.Acquire(path, lock.Exclusive, 100*time.Millisecond); err == nil {
 		t.Fatal("lock acquired while another process holds it")
 	}
 	cmd.Process.Kill()
 	cmd.Wait()
-	l, err := lock.Acquire(path, time.Second)
+	l, err := lock.Acquire(path, lock.Exclusive, time.Second)
 	if err != nil {
 		t.Fatalf("lock not released after SIGKILL: %v", err)
 	}
@@ -350,4 +350,29 @@ func TestKernelGCRemovesOrphansKnownFromCacheOrOtherFamily(t *testing.T) {
 			t.Fatalf("%s after GC:\n%s", save, out)
 		}
 	}
+}
+
+func TestSharedLockHoldersRunTogether(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	a, err := lock.Acquire(path, lock.Shared, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := lock.Acquire(path, lock.Shared, 100*time.Millisecond)
+	if err != nil {
+		t.Fatalf("a second shared holder waited: %v", err)
+	}
+	if _, err := lock.Acquire(path, lock.Exclusive, 100*time.Millisecond); err == nil {
+		t.Fatal("exclusive lock granted beside shared holders")
+	}
+	a.Release()
+	b.Release()
+	x, err := lock.Acquire(path, lock.Exclusive, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lock.Acquire(path, lock.Shared, 100*time.Millisecond); err == nil {
+		t.Fatal("shared lock granted beside an exclusive holder")
+	}
+	x.Release()
 }

@@ -29,8 +29,19 @@ var ErrTimeout = errors.New("timed out waiting for the portguard lock")
 // Lock is a held lock.
 type Lock struct{ f *os.File }
 
-// Acquire waits up to timeout for the exclusive lock at path.
-func Acquire(path string, timeout time.Duration) (*Lock, error) {
+// Mode is how a call holds the lock.
+type Mode int
+
+const (
+	// Exclusive: the call reads, plans and writes; nobody else may write meanwhile.
+	Exclusive Mode = iota
+	// Shared: the call writes without reading (a DEL of its own rules only), so any
+	// number of such calls may run together, but none beside an exclusive holder.
+	Shared
+)
+
+// Acquire waits up to timeout for the lock at path.
+func Acquire(path string, mode Mode, timeout time.Duration) (*Lock, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
@@ -41,7 +52,11 @@ func Acquire(path string, timeout time.Duration) (*Lock, error) {
 	deadline := time.Now().Add(timeout)
 	delay := time.Millisecond
 	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		how := syscall.LOCK_EX
+		if mode == Shared {
+			how = syscall.LOCK_SH
+		}
+		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
 		if err == nil {
 			return &Lock{f: f}, nil
 		}
