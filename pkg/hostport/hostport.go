@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"strings"
 )
 
 // Family is an IP address family; each family has its own nat table (iptables / ip6tables).
@@ -101,16 +102,24 @@ func Comment(o Owner) string {
 	return c
 }
 
-var commentPattern = regexp.MustCompile(`^dnat name: "([^"]*)" id: "([^"]*)"$`)
-
 // ParseComment recovers the owner from a jump comment; ok is false for foreign comments and
-// for comments that upstream trimmed (the container ID is then incomplete).
+// for comments that upstream trimmed (the container ID is then incomplete). It runs for
+// every jump read, so it slices instead of matching a regular expression.
 func ParseComment(c string) (Owner, bool) {
-	m := commentPattern.FindStringSubmatch(c)
-	if m == nil {
+	const pre, mid, post = `dnat name: "`, `" id: "`, `"`
+	rest, ok := strings.CutPrefix(c, pre)
+	if !ok {
 		return Owner{}, false
 	}
-	return Owner{Network: m[1], ContainerID: m[2]}, true
+	rest, ok = strings.CutSuffix(rest, post)
+	if !ok {
+		return Owner{}, false
+	}
+	name, id, ok := strings.Cut(rest, mid)
+	if !ok || strings.Contains(name, `"`) || strings.Contains(id, `"`) {
+		return Owner{}, false
+	}
+	return Owner{Network: name, ContainerID: id}, true
 }
 
 // Claim is one host port as the kernel sees it: traffic to (hostIP, hostPort) over proto in

@@ -48,36 +48,49 @@ func (r Rule) WithValue(flag, value string) Rule {
 
 // SplitArgs splits a rule line the way iptables-restore does: whitespace separates
 // arguments, double quotes group them, and a backslash escapes a quote or backslash inside
-// quotes (which is how iptables prints comments).
+// quotes (which is how iptables prints comments). It runs once per rule of every chain
+// read, so unquoted arguments are sliced out of the line rather than copied.
 func SplitArgs(line string) ([]string, error) {
-	var args []string
-	var cur strings.Builder
-	inQuote, have := false, false
-	for i := 0; i < len(line); i++ {
-		c := line[i]
-		switch {
-		case inQuote && c == '\\' && i+1 < len(line) && (line[i+1] == '"' || line[i+1] == '\\'):
+	args := make([]string, 0, 16)
+	i, n := 0, len(line)
+	for i < n {
+		for i < n && (line[i] == ' ' || line[i] == '\t') {
 			i++
-			cur.WriteByte(line[i])
-		case c == '"':
-			inQuote = !inQuote
-			have = true
-		case !inQuote && (c == ' ' || c == '\t'):
-			if have {
-				args = append(args, cur.String())
-				cur.Reset()
-				have = false
-			}
-		default:
-			cur.WriteByte(c)
-			have = true
 		}
-	}
-	if inQuote {
-		return nil, fmt.Errorf("unterminated quote in %q", line)
-	}
-	if have {
-		args = append(args, cur.String())
+		if i == n {
+			break
+		}
+		start := i
+		for i < n && line[i] != ' ' && line[i] != '\t' && line[i] != '"' {
+			i++
+		}
+		if i == n || line[i] != '"' {
+			args = append(args, line[start:i])
+			continue
+		}
+		// The argument has quotes: build it.
+		var b strings.Builder
+		b.WriteString(line[start:i])
+		inQuote := false
+		for ; i < n; i++ {
+			c := line[i]
+			switch {
+			case inQuote && c == '\\' && i+1 < n && (line[i+1] == '"' || line[i+1] == '\\'):
+				i++
+				b.WriteByte(line[i])
+			case c == '"':
+				inQuote = !inQuote
+			case !inQuote && (c == ' ' || c == '\t'):
+				goto done
+			default:
+				b.WriteByte(c)
+			}
+		}
+	done:
+		if inQuote {
+			return nil, fmt.Errorf("unterminated quote in %q", line)
+		}
+		args = append(args, b.String())
 	}
 	return args, nil
 }

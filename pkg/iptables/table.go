@@ -1,7 +1,6 @@
 package iptables
 
 import (
-	"bufio"
 	"fmt"
 	"strings"
 )
@@ -62,10 +61,10 @@ func (t *Table) chain(name string) *Chain {
 // table. Both formats name chains (-P/-N or :CHAIN) and list rules as "-A CHAIN args...".
 // It is the only parser of iptables output in portguard.
 func (t *Table) Parse(out string) error {
-	sc := bufio.NewScanner(strings.NewReader(out))
-	sc.Buffer(make([]byte, 1024*1024), 16*1024*1024)
-	for sc.Scan() {
-		line := strings.TrimSpace(sc.Text())
+	for rest := out; rest != ""; {
+		var line string
+		line, rest, _ = strings.Cut(rest, "\n")
+		line = strings.TrimSpace(line)
 		switch {
 		case line == "" || line[0] == '#' || line[0] == '*' || line == "COMMIT":
 		case line[0] == ':':
@@ -90,5 +89,5 @@ func (t *Table) Parse(out string) error {
 			return fmt.Errorf("unexpected iptables output line: %q", line)
 		}
 	}
-	return sc.Err()
+	return nil
 }
