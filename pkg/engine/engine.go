@@ -125,33 +125,84 @@ func podDesired(c *config.Config, owner hostport.Owner) []plan.Desired {
 // Add installs the attachment in every family the pod has an address in. Every family
 // is planned before any is applied, so a rejected conflict in one family leaves the other
 // untouched too.
+//
+// ADDs of different host ports run in parallel: each holds the shared lock plus an
+// exclusive lock on each host port it claims, so the reads, plans and writes of two ADDs
+// on one port never interleave, and ADDs on other ports only meet in the few jumps of a
+// victim that held both ports, where the later payload fails whole and is planned again.
+// The one write that needs the node to itself, creating or restoring the shared layout,
+// is done under the exclusive lock, as are GC and repair.
 func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover, err error) {
 	defer func() { err = cniError(err) }()
-	l, err := e.lock()
+	ds := podDesired(c, owner)
+	if len(ds) == 0 {
+		return nil, nil
+	}
+	t, err := e.add(ds, c.Policy, true)
+	if errors.Is(err, errNeedExclusive) {
+		t, err = e.add(ds, c.Policy, false)
+	}
+	return t, err
+}
+
+// errNeedExclusive: the plan must create shared layout, which only an exclusive holder may.
+var errNeedExclusive = errors.New("shared layout must be created under the exclusive lock")
+
+func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Takeover, error) {
+	mode := lock.Exclusive
+	if parallel {
+		mode = lock.Shared
+	}
+	l, err := e.lock(mode)
 	if err != nil {
 		return nil, err
 	}
 	defer l.Release()
+	if parallel {
+		if err := l.Ports(portKeys(ds), e.LockTimeout); err != nil {
+			return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
+		}
+	}
 	var pending []addPlan
-	for _, d := range podDesired(c, owner) {
-		p, err := e.planAdd(d, c.Policy)
+	for _, d := range ds {
+		p, err := e.planAdd(d, policy)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", d.Family, err)
 		}
-		if c.Policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
+		if parallel && p.res.SharedChanges {
+			return nil, errNeedExclusive
+		}
+		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
 			return nil, rejectError(d, p.res.Conflicts)
 		}
 		pending = append(pending, p)
 	}
 	var all []plan.Takeover
 	for _, p := range pending {
-		t, err := e.applyAdd(p, c.Policy)
+		t, err := e.applyAdd(p, policy, parallel)
 		all = append(all, t...)
 		if err != nil {
 			return all, err
 		}
 	}
 	return all, nil
+}
+
+// portKeys numbers the host ports the attachment claims, one lock byte each: the family,
+// protocol and port; not the host IP, so overlapping claims always share a key.
+func portKeys(ds []plan.Desired) []int64 {
+	proto := map[string]int64{"tcp": 0, "udp": 1, "sctp": 2}
+	var keys []int64
+	for _, d := range ds {
+		fam := int64(0)
+		if d.Family == hostport.V6 {
+			fam = 1
+		}
+		for _, c := range d.Claims {
+			keys = append(keys, (fam*3+proto[c.Proto])*65536+int64(c.HostPort))
+		}
+	}
+	return keys
 }
 
 type addPlan struct {
@@ -178,11 +229,19 @@ func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 }
 
 // applyAdd applies a plan; if iptables-restore refuses it (a failed assertion, or another
-// writer changed the table), it reads the shared chains too, plans again and retries once.
-func (e *Engine) applyAdd(p addPlan, policy string) ([]plan.Takeover, error) {
-	for attempt := 0; ; attempt++ {
+// writer changed the table), it reads the shared chains too, plans again and retries: once
+// under the exclusive lock, a few times beside parallel ADDs of other ports.
+func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeover, error) {
+	attempts := 2
+	if parallel {
+		attempts = 5
+	}
+	for attempt := 1; ; attempt++ {
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
 			return nil, rejectError(p.d, p.res.Conflicts)
+		}
+		if parallel && p.res.SharedChanges {
+			return nil, errNeedExclusive
 		}
 		err := Apply(e.Runner, p.d.Family, p.res.Tx)
 		if err == nil {
@@ -194,7 +253,7 @@ func (e *Engine) applyAdd(p addPlan, policy string) ([]plan.Takeover, error) {
 			return p.res.Takeovers, nil
 		}
 		var re *iptables.RestoreError
-		if attempt > 0 || !errors.As(err, &re) {
+		if attempt == attempts || !errors.As(err, &re) {
 			return nil, fmt.Errorf("%s: %w", p.d.Family, err)
 		}
 		if p.s, err = state.Observe(e.Runner, p.d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {

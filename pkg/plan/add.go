@@ -45,6 +45,9 @@ type Result struct {
 	Takeovers []Takeover
 	Conflicts []Conflict
 	Problems  []string // CHECK's findings
+	// SharedChanges says Tx creates or restores shared layout (CNI-HOSTPORT-DNAT, entry
+	// jumps, SETMARK/MASQ) instead of only asserting it.
+	SharedChanges bool
 }
 
 // victim is another attachment that loses some or all of its mappings.
@@ -87,7 +90,7 @@ func Add(s *state.State, d Desired, policy string) Result {
 	}
 
 	tx := &iptables.Tx{}
-	ensureShared(tx, s, d.SNAT, d.ExternalMark, d.MarkBit)
+	res.SharedChanges = ensureShared(tx, s, d.SNAT, d.ExternalMark, d.MarkBit)
 	dnat := newSim(s.Table.Rules(state.DNATChain))
 	for _, v := range victims {
 		res.Takeovers = append(res.Takeovers, takeOver(tx, dnat, v, d))

@@ -9,7 +9,19 @@ import (
 // jumps, and (snat with portguard's own marks) SETMARK, MASQ and POSTROUTING's jump.
 // A chain that was not read is not declared (that would flush it); its rules are asserted
 // with -C instead, so the payload fails rather than guess, and the caller reads and replans.
-func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, markBit int) {
+//
+// It reports whether it changed anything (rather than only asserting): creating the shared
+// layout is the one write that concurrent ADDs of different ports must not both do.
+func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, markBit int) bool {
+	n := len(tx.Ops)
+	changed := func() bool {
+		for _, op := range tx.Ops[n:] {
+			if op.Kind != iptables.Check {
+				return true
+			}
+		}
+		return false
+	}
 	t := s.Table
 	dnatNew := t.Absent(state.DNATChain)
 	if dnatNew {
@@ -19,7 +31,7 @@ func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, mark
 		ensureRule(tx, s, state.EntryJump(ch), dnatNew, false, "entry jump "+ch+" -> "+state.DNATChain)
 	}
 	if !snat || externalMark {
-		return
+		return changed()
 	}
 	for _, sc := range []struct {
 		chain string
@@ -32,6 +44,7 @@ func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, mark
 		ensureRule(tx, s, sc.rule, isNew, false, sc.chain+" rule")
 	}
 	ensureRule(tx, s, state.MasqJump(), t.Absent(state.MasqChain), true, "POSTROUTING jump -> "+state.MasqChain)
+	return changed()
 }
 
 // ensureRule appends (or prepends) r when it is known to be absent, asserts it when its
