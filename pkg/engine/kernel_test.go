@@ -376,3 +376,30 @@ func TestSharedLockHoldersRunTogether(t *testing.T) {
 	}
 	x.Release()
 }
+
+func TestPortLocksSerialiseOnlyTheSamePort(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	a, err := lock.Acquire(path, lock.Shared, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Release()
+	b, err := lock.Acquire(path, lock.Shared, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Release()
+	if err := a.Ports([]int64{8080, 53}, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Ports([]int64{9090}, 100*time.Millisecond); err != nil {
+		t.Fatalf("another port waited: %v", err)
+	}
+	if err := b.Ports([]int64{8080}, 100*time.Millisecond); !errors.Is(err, lock.ErrTimeout) {
+		t.Fatalf("the same port was granted twice: %v", err)
+	}
+	a.Release()
+	if err := b.Ports([]int64{8080}, time.Second); err != nil {
+		t.Fatalf("port not released with its holder: %v", err)
+	}
+}
