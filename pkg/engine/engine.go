@@ -391,8 +391,8 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 				return err
 			}
 			var re *iptables.RestoreError
-			if why := res.Tx.Explain(lineOf(err, &re)); why != "" {
-				problems = append(problems, why)
+			if errors.As(err, &re) && res.Tx.Explain(re.Line) != "" {
+				problems = append(problems, res.Tx.Explain(re.Line))
 			} else {
 				problems = append(problems, fmt.Sprintf("%s: %v", f, err))
 			}
@@ -402,13 +402,6 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 		return fmt.Errorf("CHECK of %s failed: %s", owner, strings.Join(problems, "; "))
 	}
 	return nil
-}
-
-func lineOf(err error, re **iptables.RestoreError) int {
-	if errors.As(err, re) {
-		return (*re).Line
-	}
-	return 0
 }
 
 // GC removes this network's attachments whose container IDs are not in valid, and the

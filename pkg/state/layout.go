@@ -6,7 +6,6 @@ package state
 import (
 	"fmt"
 
-	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 )
 
@@ -51,6 +50,3 @@ func MasqRule(bit int) iptables.Rule {
 
 // SharedChains are the chains an ADD needs to know to create the shared layout.
 var SharedChains = []string{"PREROUTING", "OUTPUT", "POSTROUTING", SetMarkChain, MasqChain}
-
-// FamilyOf is a convenience for rendering.
-func FamilyName(f hostport.Family) string { return f.String() }

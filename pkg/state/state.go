@@ -53,17 +53,6 @@ type Attachment struct {
 	Other    []iptables.Rule // rules of the chain that are not a mapping's
 }
 
-// Ports returns the ports the attachment's jumps claim for proto.
-func (a *Attachment) JumpPorts(proto string) []int {
-	var out []int
-	for _, j := range a.Jumps {
-		if j.Proto == proto {
-			out = append(out, j.Ports...)
-		}
-	}
-	return out
-}
-
 // State is what one family's nat table looked like, as far as it was read.
 type State struct {
 	Family      hostport.Family
