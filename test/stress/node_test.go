@@ -31,6 +31,7 @@ import (
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
+	"github.com/portguard/portguard/test/testbed"
 )
 
 func TestMain(m *testing.M) {
@@ -92,7 +93,7 @@ func pluginBinary(t *testing.T) string {
 				return
 			}
 		}
-		root, err := repoRoot()
+		root, err := testbed.RepoRoot()
 		if err != nil {
 			pluginErr = err
 			return
@@ -112,24 +113,6 @@ func pluginBinary(t *testing.T) string {
 		t.Fatal(pluginErr)
 	}
 	return pluginPath
-}
-
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if b, err := os.ReadFile(filepath.Join(dir, "go.mod")); err == nil &&
-			strings.Contains(string(b), "module github.com/portguard/portguard") {
-			return dir, nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", fmt.Errorf("cannot find the portguard module root above the working directory")
-		}
-		dir = parent
-	}
 }
 
 func randomHex(n int) string {
