@@ -82,6 +82,7 @@ func TestFailedLine(t *testing.T) {
 	for msg, want := range map[string]int{
 		"iptables-restore: line 5 failed: Index of deletion too big.": 5,
 		"iptables-restore v1.8.9 (nf_tables): line 12 failed":         12,
+		"iptables-restore v1.8.9 (nf_tables): Chain 'X' does not exist\nError occurred at line: 10\nTry": 10,
 		"something else": 0,
 	} {
 		if got := FailedLine(msg); got != want {

@@ -157,8 +157,18 @@ func validChainName(name string) error {
 	return nil
 }
 
-// FailedLine extracts N from iptables-restore's "line N failed" message (0 when absent).
+// FailedLine extracts N from iptables-restore's "line N failed" or "Error occurred at
+// line: N" message (0 when absent).
 func FailedLine(msg string) int {
+	if _, after, ok := strings.Cut(msg, "Error occurred at line: "); ok {
+		j := 0
+		for j < len(after) && after[j] >= '0' && after[j] <= '9' {
+			j++
+		}
+		if n, err := strconv.Atoi(after[:j]); err == nil {
+			return n
+		}
+	}
 	i := strings.Index(msg, "line ")
 	for i >= 0 {
 		rest := msg[i+5:]
