@@ -403,3 +403,41 @@ func TestPortLocksSerialiseOnlyTheSamePort(t *testing.T) {
 		t.Fatalf("port not released with its holder: %v", err)
 	}
 }
+
+// Two ADDs of different ports that each take part of one victim (they run in parallel)
+// must not leave the victim's chain behind empty: the later payload fails whole, and the
+// replan removes the chain.
+func TestKernelInterleavedPartialTakeoversLeaveNoEmptyChain(t *testing.T) {
+	ns := netns(t)
+	e, _ := newEngine(t, ns)
+	victim := hostport.Owner{Network: "knet", ContainerID: "victim"}
+	both := conf(t, "", `{"hostPort":53,"containerPort":53,"protocol":"tcp"},{"hostPort":53,"containerPort":53,"protocol":"udp"}`, "10.99.0.5/16")
+	if _, err := e.Add(both, victim); err != nil {
+		t.Fatal(err)
+	}
+	ca := conf(t, "", `{"hostPort":53,"containerPort":53,"protocol":"tcp"}`, "10.99.0.6/16")
+	cb := conf(t, "", `{"hostPort":53,"containerPort":53,"protocol":"udp"}`, "10.99.0.7/16")
+	a, b := hostport.Owner{Network: "knet", ContainerID: "a"}, hostport.Owner{Network: "knet", ContainerID: "b"}
+	// Plan both from the same table, as two parallel ADDs would.
+	pa, err := e.planAdd(podDesired(ca, a)[0], config.PolicyTakeover)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb, err := e.planAdd(podDesired(cb, b)[0], config.PolicyTakeover)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Apply(e.Runner, hostport.V4, pa.res.Tx); err != nil {
+		t.Fatal(err)
+	}
+	var re *iptables.RestoreError
+	if err := Apply(e.Runner, hostport.V4, pb.res.Tx); !errors.As(err, &re) {
+		t.Fatalf("the second partial takeover applied on a stale plan: %v", err)
+	}
+	if _, err := e.applyAdd(pb, config.PolicyTakeover, true); err != nil {
+		t.Fatalf("replan after the refused payload: %v", err)
+	}
+	if out := inNS(t, ns, "iptables", "-t", "nat", "-S"); strings.Contains(out, hostport.ChainName(victim)) {
+		t.Fatalf("the victim's chain survived both takeovers:\n%s", out)
+	}
+}

@@ -54,6 +54,7 @@ type Result struct {
 type victim struct {
 	a         *state.Attachment
 	lost      []state.Mapping
+	kept      []state.Mapping // mappings the victim keeps (partial takeover)
 	keep      map[string]bool // "proto/port" still served by a remaining mapping
 	removeAll bool
 }
@@ -143,6 +144,7 @@ func findVictims(s *state.State, d Desired) ([]victim, []string) {
 				v.lost = append(v.lost, m)
 			} else {
 				remaining++
+				v.kept = append(v.kept, m)
 				v.keep[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
 			}
 		}
@@ -183,6 +185,15 @@ func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired) Takeover {
 		}
 		tx.RemoveChain(v.a.Chain, why)
 		return t
+	}
+	// The victim keeps a chain only because it keeps these mappings. An ADD of another port
+	// may be taking them at the same moment (ADDs of different ports run in parallel), and
+	// two partial takeovers would leave an empty chain behind: assert that they are still
+	// there, so the later payload fails whole and is planned again, then as a removal.
+	for _, m := range v.kept {
+		for _, r := range m.Rules {
+			tx.CheckRule(r, fmt.Sprintf("%s still holds %s", v.a.Chain, m.Claim))
+		}
 	}
 	lostPort := map[string]bool{}
 	for _, m := range v.lost {
