@@ -250,8 +250,22 @@ func validChain(name string) bool {
 	return true
 }
 
-// validConditions accepts iptables match arguments only: no jump or chain command may hide
-// in them, and no byte that could end the restore line.
+// Limits on conditions: iptables-restore reads a line in 10 KiB pieces and would run the
+// rest of an overlong line as a command of its own.
+const (
+	maxConditions   = 32
+	maxConditionLen = 256
+)
+
+// commandOptions are iptables' command and global options. getopt accepts any unambiguous
+// prefix of a long option and glued short options, so a condition must not start any of
+// them in any spelling.
+var commandOptions = []string{"append", "insert", "delete", "replace", "check", "list", "list-rules",
+	"flush", "zero", "new-chain", "delete-chain", "policy", "rename-chain", "table", "jump", "goto",
+	"help", "version", "wait", "wait-interval", "line-numbers", "modprobe", "exact", "numeric", "verbose"}
+
+// validConditions accepts iptables match arguments only: no command, jump or table option
+// in any spelling, no byte that could end the restore line, and a bounded size.
 func validConditions(field string, conds []string) ([]string, error) {
 	if len(conds) == 0 || (len(conds) == 1 && conds[0] == "") {
 		return nil, nil
@@ -259,19 +273,38 @@ func validConditions(field string, conds []string) ([]string, error) {
 	if c := conds[0]; c == "" || (c[0] != '-' && c[0] != '!') {
 		return nil, invalid(field, "%q looks like an nftables condition; the iptables backend needs iptables arguments (e.g. \"-d\", \"192.0.2.1\")", truncate(c))
 	}
+	if len(conds) > maxConditions {
+		return nil, invalid(field, "%d arguments; at most %d", len(conds), maxConditions)
+	}
 	var out []string
 	for i, a := range conds {
-		if err := iptables.CheckArg(a); err != nil || a == "" {
-			return nil, invalid(fmt.Sprintf("%s[%d]", field, i), "empty or contains a control character")
+		item := fmt.Sprintf("%s[%d]", field, i)
+		if err := iptables.CheckArg(a); err != nil || a == "" || len(a) > maxConditionLen {
+			return nil, invalid(item, "empty, longer than %d bytes, or contains a control character", maxConditionLen)
 		}
-		switch a {
-		case "-j", "--jump", "-g", "--goto", "-A", "--append", "-I", "--insert", "-D", "--delete",
-			"-R", "--replace", "-N", "-X", "-F", "-P", "-t", "--table":
-			return nil, invalid(fmt.Sprintf("%s[%d]", field, i), "%q is not a match condition", a)
+		if isCommandOption(a) {
+			return nil, invalid(item, "%q is not a match condition", truncate(a))
 		}
 		out = append(out, a)
 	}
 	return out, nil
+}
+
+func isCommandOption(a string) bool {
+	if name, ok := strings.CutPrefix(a, "--"); ok {
+		name, _, _ = strings.Cut(name, "=")
+		for _, c := range commandOptions {
+			if name != "" && strings.HasPrefix(c, name) {
+				return true
+			}
+		}
+		return false
+	}
+	if len(a) < 2 || a[0] != '-' || (a[1] >= '0' && a[1] <= '9') {
+		return false
+	}
+	// A short option, possibly with others or its value glued on: its first letter decides.
+	return strings.IndexByte("AIDRNXFLSZPECjgtwWhVv", a[1]) >= 0
 }
 
 type claimKey struct {

@@ -44,16 +44,20 @@ func TestBadInputNamesTheField(t *testing.T) {
 		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"icmp"}]}`:                 "runtimeConfig.portMappings[0].protocol",
 		`"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"1.2.3"}]}`: "runtimeConfig.portMappings[0].hostIP",
 		`"runtimeConfig":{"portMappings":[{"hostPort":"80","containerPort":80,"protocol":"tcp"}]}`:                "hostPort",
-		`"markMasqBit":32`:                                        "markMasqBit",
-		`"markMasqBit":3,"externalSetMarkChain":"X"`:              "markMasqBit",
-		`"externalSetMarkChain":"A B"`:                            "externalSetMarkChain",
-		`"backend":"nftables"`:                                    "backend",
-		`"conditionsV4":["-d","1.2.3.4","-j","ACCEPT"]`:           "conditionsV4[2]",
-		`"conditionsV4":["-m","comment","--comment","x\nCOMMIT"]`: "conditionsV4[3]",
-		`"conditionsV6":["ip6 saddr ::1"]`:                        "conditionsV6",
-		`"conflictPolicy":"yolo"`:                                 "conflictPolicy",
-		`"lockTimeout":0`:                                         "lockTimeout",
-		`"logFile":"relative.log"`:                                "logFile",
+		`"markMasqBit":32`:                                         "markMasqBit",
+		`"markMasqBit":3,"externalSetMarkChain":"X"`:               "markMasqBit",
+		`"externalSetMarkChain":"A B"`:                             "externalSetMarkChain",
+		`"backend":"nftables"`:                                     "backend",
+		`"conditionsV4":["-d","1.2.3.4","-j","ACCEPT"]`:            "conditionsV4[2]",
+		`"conditionsV4":["-m","comment","--comment","x\nCOMMIT"]`:  "conditionsV4[3]",
+		`"conditionsV6":["ip6 saddr ::1"]`:                         "conditionsV6",
+		`"conditionsV4":["-d","1.2.3.4","--ins","PREROUTING","1"]`: "conditionsV4[2]",
+		`"conditionsV4":["-APREROUTING"]`:                          "conditionsV4[0]",
+		`"conditionsV4":["--flush"]`:                               "conditionsV4[0]",
+		`"conditionsV4":["-d","1.2.3.4","-t","filter"]`:            "conditionsV4[2]",
+		`"conflictPolicy":"yolo"`:                                  "conflictPolicy",
+		`"lockTimeout":0`:                                          "lockTimeout",
+		`"logFile":"relative.log"`:                                 "logFile",
 	}
 	for body, field := range cases {
 		_, err := parse(t, body)
@@ -65,6 +69,20 @@ func TestBadInputNamesTheField(t *testing.T) {
 		if ce.Code != types.ErrInvalidNetworkConfig || !strings.Contains(ce.Msg, field) {
 			t.Errorf("%s: got code %d %q, want code %d naming %s", body, ce.Code, ce.Msg, types.ErrInvalidNetworkConfig, field)
 		}
+	}
+}
+
+func TestConditionsAcceptMatchesAndBoundTheirSize(t *testing.T) {
+	c, err := parse(t, `"conditionsV4":["!","-d","192.0.2.10/32","-m","addrtype","--dst-type","LOCAL","--destination","10.0.0.0/8"]`)
+	if err != nil || len(c.Conditions[hostport.V4]) != 9 {
+		t.Fatalf("ordinary match conditions refused: %v", err)
+	}
+	var many []string
+	for i := 0; i < 45; i++ {
+		many = append(many, `"-m","comment","--comment","`+strings.Repeat("x", 200)+`"`)
+	}
+	if _, err := parse(t, `"conditionsV4":[`+strings.Join(many, ",")+`]`); err == nil {
+		t.Fatal("conditions long enough to split an iptables-restore line were accepted")
 	}
 }
 

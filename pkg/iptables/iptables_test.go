@@ -42,6 +42,14 @@ func TestRenderRefusesLineBreaksAndBadChains(t *testing.T) {
 	}
 }
 
+func TestRenderRefusesLinesIptablesRestoreWouldSplit(t *testing.T) {
+	tx := &Tx{}
+	tx.AppendRule(Rule{Chain: "CNI-DN-x", Args: []string{"-m", "comment", "--comment", strings.Repeat("x", MaxLine)}}, "")
+	if _, err := tx.Render(); err == nil {
+		t.Fatal("an overlong line was rendered")
+	}
+}
+
 func TestRenderPutsDeclarationsFirstAndExplainsLines(t *testing.T) {
 	tx := &Tx{}
 	tx.DeleteRule(Rule{Chain: "CNI-HOSTPORT-DNAT", Args: []string{"-j", "CNI-DN-a"}}, "drop old jump")
@@ -80,9 +88,10 @@ COMMIT
 
 func TestFailedLine(t *testing.T) {
 	for msg, want := range map[string]int{
-		"iptables-restore: line 5 failed: Index of deletion too big.": 5,
-		"iptables-restore v1.8.9 (nf_tables): line 12 failed":         12,
-		"iptables-restore v1.8.9 (nf_tables): Chain 'X' does not exist\nError occurred at line: 10\nTry": 10,
+		"iptables-restore: line 5 failed: Index of deletion too big.":                                        5,
+		"iptables-restore v1.8.9 (nf_tables): line 12 failed":                                                12,
+		"iptables-restore v1.8.9 (nf_tables): Chain 'X' does not exist\nError occurred at line: 10\nTry":     10,
+		"iptables-restore v1.8.9 (nf_tables): \nline 3: CHAIN_DEL failed (Device or resource busy): chain X": 3,
 		"something else": 0,
 	} {
 		if got := FailedLine(msg); got != want {

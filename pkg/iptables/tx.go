@@ -127,8 +127,18 @@ func (tx *Tx) Render() (string, error) {
 		}
 	}
 	b.WriteString("COMMIT\n")
+	for _, line := range strings.Split(b.String(), "\n") {
+		// iptables-restore reads 10 KiB at a time and runs the rest of a longer line as a
+		// new line; refuse long before that.
+		if len(line) > MaxLine {
+			return "", fmt.Errorf("a payload line of %d bytes exceeds %d: %.80s...", len(line), MaxLine, line)
+		}
+	}
 	return b.String(), nil
 }
+
+// MaxLine is the longest payload line Render writes.
+const MaxLine = 4096
 
 // Explain names the operation on a payload line (1-based, as iptables-restore reports it).
 func (tx *Tx) Explain(line int) string {
@@ -157,8 +167,8 @@ func validChainName(name string) error {
 	return nil
 }
 
-// FailedLine extracts N from iptables-restore's "line N failed" or "Error occurred at
-// line: N" message (0 when absent).
+// FailedLine extracts N from iptables-restore's "line N failed", "line N: ..." or "Error
+// occurred at line: N" message (0 when absent).
 func FailedLine(msg string) int {
 	if _, after, ok := strings.Cut(msg, "Error occurred at line: "); ok {
 		j := 0
@@ -176,7 +186,7 @@ func FailedLine(msg string) int {
 		for j < len(rest) && rest[j] >= '0' && rest[j] <= '9' {
 			j++
 		}
-		if j > 0 && strings.HasPrefix(rest[j:], " failed") {
+		if j > 0 && (strings.HasPrefix(rest[j:], " failed") || strings.HasPrefix(rest[j:], ": ")) {
 			n, _ := strconv.Atoi(rest[:j])
 			return n
 		}
