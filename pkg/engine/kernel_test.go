@@ -441,3 +441,40 @@ func TestKernelInterleavedPartialTakeoversLeaveNoEmptyChain(t *testing.T) {
 		t.Fatalf("the victim's chain survived both takeovers:\n%s", out)
 	}
 }
+
+// A stream of overlapping shared holders (a drain's DELs) must not keep an exclusive
+// caller (GC, repair, the first ADD) out until it times out.
+func TestExclusiveLockIsNotStarvedBySharedHolders(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "lock")
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	for g := 0; g < 6; g++ {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				l, err := lock.Acquire(path, lock.Shared, 10*time.Second)
+				if err != nil {
+					continue
+				}
+				time.Sleep(30 * time.Millisecond)
+				l.Release()
+				time.Sleep(time.Millisecond)
+			}
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	x, err := lock.Acquire(path, lock.Exclusive, 3*time.Second)
+	close(stop)
+	x.Release()
+	for g := 0; g < 6; g++ {
+		<-done
+	}
+	if err != nil {
+		t.Fatalf("exclusive caller starved: %v", err)
+	}
+}

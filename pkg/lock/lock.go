@@ -31,9 +31,8 @@ var ErrTimeout = errors.New("timed out waiting for the portguard lock")
 
 // Lock is a held lock.
 type Lock struct {
-	f       *os.File
-	path    string
-	timeout time.Duration
+	f    *os.File
+	path string
 }
 
 // Mode is how a call holds the lock.
@@ -48,11 +47,12 @@ const (
 )
 
 // Acquire waits up to timeout for the lock at path.
+//
+// flock gives a waiting exclusive caller no priority: during a drain, overlapping shared
+// holders could keep it out forever. So byte 0 of the file is a turnstile (an OFD lock): an
+// exclusive caller holds it while it waits, and a shared caller passes through it before
+// taking its share, so no new shared holder gets in while an exclusive one waits.
 func Acquire(path string, mode Mode, timeout time.Duration) (*Lock, error) {
-	return acquire(path, mode, time.Now().Add(timeout), timeout)
-}
-
-func acquire(path string, mode Mode, deadline time.Time, timeout time.Duration) (*Lock, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, err
 	}
@@ -60,35 +60,71 @@ func acquire(path string, mode Mode, deadline time.Time, timeout time.Duration) 
 	if err != nil {
 		return nil, err
 	}
+	deadline := time.Now().Add(timeout)
+	fail := func(err error) (*Lock, error) {
+		f.Close()
+		if errors.Is(err, errBusy) {
+			return nil, fmt.Errorf("%w %s after %s (another portguard call holds it)", ErrTimeout, path, timeout)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	if err := poll(deadline, func() error { return ofdLock(f, 0, unix.F_WRLCK) }); err != nil {
+		return fail(err)
+	}
+	how := syscall.LOCK_EX
+	if mode == Shared {
+		how = syscall.LOCK_SH
+		ofdLock(f, 0, unix.F_UNLCK)
+	}
+	err = poll(deadline, func() error {
+		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return errBusy
+		}
+		return err
+	})
+	if err != nil {
+		return fail(err)
+	}
+	ofdLock(f, 0, unix.F_UNLCK)
+	return &Lock{f: f, path: path}, nil
+}
+
+// errBusy: somebody else holds what we asked for; poll tries again.
+var errBusy = errors.New("busy")
+
+// poll retries try until it succeeds, fails otherwise than busy, or the deadline passes.
+func poll(deadline time.Time, try func() error) error {
 	delay := time.Millisecond
 	for {
-		how := syscall.LOCK_EX
-		if mode == Shared {
-			how = syscall.LOCK_SH
-		}
-		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
-		if err == nil {
-			return &Lock{f: f, path: path, timeout: timeout}, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
+		err := try()
+		if !errors.Is(err, errBusy) && !errors.Is(err, syscall.EINTR) {
+			return err
 		}
 		if time.Now().After(deadline) {
-			f.Close()
-			return nil, fmt.Errorf("%w %s after %s (another portguard call holds it)", ErrTimeout, path, timeout)
+			return errBusy
 		}
 		time.Sleep(delay)
 		delay = min(delay*2, 20*time.Millisecond)
 	}
 }
 
+// ofdLock sets (F_WRLCK) or clears (F_UNLCK) an open-file-description lock on one byte.
+func ofdLock(f *os.File, offset int64, typ int16) error {
+	fl := unix.Flock_t{Type: typ, Whence: 0, Start: offset, Len: 1}
+	err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &fl)
+	if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EACCES) {
+		return errBusy
+	}
+	return err
+}
+
 // Ports takes exclusive locks on host ports, on top of a shared lock: ADDs of different
 // ports run together, ADDs of the same port one after the other. A port is one byte of the
-// lock file, locked with an open-file-description lock (F_OFD_SETLK), which, like flock,
-// belongs to the open file and so is kept by children that inherit it and released when
-// the last of them closes it. Keys are taken in ascending order, so two callers never
-// wait for each other in a circle.
+// lock file (after the turnstile byte), locked with an open-file-description lock, which,
+// like flock, belongs to the open file and so is kept by children that inherit it and
+// released when the last of them closes it. Keys are taken in ascending order, so two
+// callers never wait for each other in a circle.
 func (l *Lock) Ports(keys []int64, timeout time.Duration) error {
 	keys = append([]int64(nil), keys...)
 	sort.Slice(keys, func(i, j int) bool { return keys[i] < keys[j] })
@@ -97,21 +133,11 @@ func (l *Lock) Ports(keys []int64, timeout time.Duration) error {
 		if i > 0 && k == keys[i-1] {
 			continue
 		}
-		fl := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 1 + k, Len: 1}
-		delay := time.Millisecond
-		for {
-			err := unix.FcntlFlock(l.f.Fd(), unix.F_OFD_SETLK, &fl)
-			if err == nil {
-				break
-			}
-			if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES) && !errors.Is(err, unix.EINTR) {
-				return fmt.Errorf("lock %s (port key %d): %w", l.path, k, err)
-			}
-			if time.Now().After(deadline) {
+		if err := poll(deadline, func() error { return ofdLock(l.f, 1+k, unix.F_WRLCK) }); err != nil {
+			if errors.Is(err, errBusy) {
 				return fmt.Errorf("%w %s after %s (another portguard call is changing the same host port)", ErrTimeout, l.path, timeout)
 			}
-			time.Sleep(delay)
-			delay = min(delay*2, 20*time.Millisecond)
+			return fmt.Errorf("lock %s (port key %d): %w", l.path, k, err)
 		}
 	}
 	return nil
