@@ -478,3 +478,18 @@ func TestExclusiveLockIsNotStarvedBySharedHolders(t *testing.T) {
 		t.Fatalf("exclusive caller starved: %v", err)
 	}
 }
+
+// CHECK passes right after ADD even when the conditions are not spelled the way iptables
+// prints them back (a CIDR with host bits set).
+func TestKernelCheckAfterAddWithConditions(t *testing.T) {
+	ns := netns(t)
+	e, _ := newEngine(t, ns)
+	c := conf(t, `"conditionsV4":["-d","192.0.2.1/24"],`, `{"hostPort":8080,"containerPort":80,"protocol":"tcp"}`, "10.99.0.5/16")
+	o := hostport.Owner{Network: "knet", ContainerID: "cond"}
+	if _, err := e.Add(c, o); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Check(c, o); err != nil {
+		t.Fatalf("CHECK right after ADD: %v", err)
+	}
+}

@@ -27,7 +27,17 @@ func Check(s *state.State, d Desired) Result {
 	if own != nil && len(own.Jumps) > 0 {
 		first = own.Jumps[0].Index
 	}
-	res.Problems = append(res.Problems, compareJumps(d, own)...)
+	var ownJumps []state.Jump
+	if own != nil {
+		ownJumps = own.Jumps
+	}
+	if len(ownJumps) == 0 {
+		for _, r := range d.Jumps {
+			res.Problems = append(res.Problems, jumpMissing(d, r))
+		}
+	} else if len(ownJumps) > len(d.Jumps) {
+		res.Problems = append(res.Problems, fmt.Sprintf("%s: %d jump rules enter %s, %d expected", d.Family, len(ownJumps), d.Chain, len(d.Jumps)))
+	}
 
 	// Another owner's claim on one of our ports shadows us when it comes first and
 	// duplicates us when it comes later (it takes over as soon as we go).
@@ -67,6 +77,13 @@ func Check(s *state.State, d Desired) Result {
 	}
 
 	tx := &iptables.Tx{}
+	// The kernel compares the jumps (-C): the conditions in them may be spelled otherwise
+	// than iptables prints them (a CIDR with host bits, a long option).
+	if len(ownJumps) > 0 {
+		for _, r := range d.Jumps {
+			tx.CheckRule(r, jumpMissing(d, r))
+		}
+	}
 	for _, r := range d.Rules {
 		tx.CheckRule(r, fmt.Sprintf("%s: rule missing in %s: %s", d.Family, d.Chain, r.Spec()))
 	}
@@ -92,32 +109,6 @@ func mappingsConflict(a *state.Attachment, c hostport.Claim) bool {
 	return false
 }
 
-// compareJumps lists the differences between the jumps d wants and those that enter its
-// chain, compared in meaning (iptables prints rules in its own order).
-func compareJumps(d Desired, own *state.Attachment) []string {
-	have := map[string]int{}
-	if own != nil {
-		for _, j := range own.Jumps {
-			have[state.Normalize(j.Rule)]++
-		}
-	}
-	var out []string
-	for _, r := range d.Jumps {
-		k := state.Normalize(r)
-		if have[k] > 0 {
-			have[k]--
-			continue
-		}
-		out = append(out, fmt.Sprintf("%s: jump rule missing in %s: %s", d.Family, state.DNATChain, r.Spec()))
-	}
-	if own != nil {
-		for _, j := range own.Jumps {
-			k := state.Normalize(j.Rule)
-			if have[k] > 0 {
-				have[k]--
-				out = append(out, fmt.Sprintf("%s: unexpected jump rule to %s: %s", d.Family, d.Chain, j.Rule.Spec()))
-			}
-		}
-	}
-	return out
+func jumpMissing(d Desired, r iptables.Rule) string {
+	return fmt.Sprintf("%s: jump rule missing in %s: %s", d.Family, state.DNATChain, r.Spec())
 }

@@ -245,9 +245,9 @@ func TestCheckFindsShadowingAndDuplicates(t *testing.T) {
 	if len(res.Problems) != 0 {
 		t.Fatalf("healthy attachment reported %v", res.Problems)
 	}
-	// the rules of the chain and the shared layout are asserted with -C
-	if n := strings.Count(render(t, res.Tx), "\n-C "); n != len(d.Rules)+5 {
-		t.Fatalf("want %d assertions, got %d", len(d.Rules)+5, n)
+	// the jumps, the rules of the chain and the shared layout are asserted with -C
+	if n := strings.Count(render(t, res.Tx), "\n-C "); n != len(d.Jumps)+len(d.Rules)+5 {
+		t.Fatalf("want %d assertions, got %d", len(d.Jumps)+len(d.Rules)+5, n)
 	}
 	res = Check(table(t, []string{state.DNATChain}, "-N CNI-HOSTPORT-DNAT"), d)
 	if len(res.Problems) == 0 || !strings.Contains(res.Problems[0], "jump rule missing") {
