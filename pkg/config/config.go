@@ -367,13 +367,17 @@ func podIPs(res *current.Result, ifName string) map[hostport.Family]netip.Prefix
 		if !ok {
 			continue
 		}
+		ones, bits := ip.Address.Mask.Size()
+		if addr.Is4In6() && bits == 128 {
+			ones -= 96 // "::ffff:10.0.0.5/120": the prefix counts IPv6 bits
+		}
 		addr = addr.Unmap()
-		ones, _ := ip.Address.Mask.Size()
+		p := netip.PrefixFrom(addr, ones)
 		f := hostport.Of(addr)
-		if _, have := out[f]; have {
+		if _, have := out[f]; have || !p.IsValid() {
 			continue
 		}
-		out[f] = netip.PrefixFrom(addr, ones)
+		out[f] = p
 	}
 	return out
 }

@@ -132,3 +132,19 @@ func TestExplicitEmptyMappingsDifferFromAbsent(t *testing.T) {
 		}
 	}
 }
+
+func TestPodIPsFromMappedAndBrokenAddresses(t *testing.T) {
+	c, err := Parse([]byte(`{"cniVersion":"1.0.0","name":"n","type":"portguard",
+		"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"::ffff:10.88.0.6/120"}]}}`), "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.PodIPs[hostport.V4].String(); got != "10.88.0.6/24" {
+		t.Fatalf("IPv4-mapped pod address read as %q", got)
+	}
+	c, _ = Parse([]byte(`{"cniVersion":"1.0.0","name":"n","type":"portguard",
+		"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"::ffff:10.88.0.6/64"}]}}`), "eth0")
+	if len(c.PodIPs) != 0 {
+		t.Fatalf("an impossible prefix produced a pod address: %v", c.PodIPs)
+	}
+}

@@ -60,6 +60,9 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if len(c.Mappings) == 0 {
 		return types.PrintResult(c.PrevResult, c.CNIVersion)
 	}
+	if err := needPodIP(c, args.IfName); err != nil {
+		return err
+	}
 	e := engine.New(c.LockTimeout)
 	e.OnTakeover = takeoverLogger(c.LogFile)
 	if _, err := e.Add(c, owner); err != nil {
@@ -119,6 +122,9 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if len(c.Mappings) == 0 {
 		return nil
 	}
+	if err := needPodIP(c, args.IfName); err != nil {
+		return err
+	}
 	return engine.New(c.LockTimeout).Check(c, owner)
 }
 
@@ -148,6 +154,16 @@ func cmdStatus(args *skel.CmdArgs) error {
 		return err
 	}
 	return engine.New(c.LockTimeout).Status()
+}
+
+// needPodIP refuses host ports for a pod prevResult gives no address: upstream silently
+// installs nothing, and the ports just never work.
+func needPodIP(c *config.Config, ifName string) error {
+	if len(c.PodIPs) == 0 {
+		return types.NewError(types.ErrInvalidNetworkConfig,
+			fmt.Sprintf("prevResult: no IP address on the sandbox interface %q to forward the host ports to", ifName), "")
+	}
+	return nil
 }
 
 func udpPorts(c *config.Config, f hostport.Family) []int {
