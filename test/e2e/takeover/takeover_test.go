@@ -145,9 +145,7 @@ func TestNoFalseTakeover(t *testing.T) {
 	t.Run("other protocol", func(t *testing.T) {
 		b := newBed(t)
 		n, _ := pgNet(b, tb.NetConfig{}, nil)
-		a, p := b.NewPod("A"), b.NewPod("B")
-		a.Serve(80)
-		p.Serve(80)
+		a, p := servingPods(b)
 		n.MustAdd(a, tb.UDP(8080, 80))
 		res := n.MustAdd(p, tb.TCP(8080, 80))
 		for _, f := range families {
@@ -155,53 +153,35 @@ func TestNoFalseTakeover(t *testing.T) {
 			wantAnswer(t, b, "udp", b.NodeIP(f), 8080, "A")
 			wantAnswer(t, b, "tcp", b.NodeIP(f), 8080, "B")
 		}
-		if evs := takeoverEvents(res.Stderr); len(evs) != 0 {
-			t.Errorf("takeover reported for another protocol:\n%s", res.Stderr)
-		}
-		for _, q := range []*tb.Pod{a, p} {
-			if err := n.Check(q); err != nil {
-				t.Errorf("CHECK %s: %v", q.Name, err)
-			}
-		}
+		wantNoTakeover(t, res, "for another protocol")
+		wantChecksPass(t, n, a, p)
 	})
 
 	t.Run("other specific host IP", func(t *testing.T) {
 		b := newBed(t)
 		n, _ := pgNet(b, tb.NetConfig{}, nil)
-		a, p := b.NewPod("A"), b.NewPod("B")
-		a.Serve(80)
-		p.Serve(80)
+		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80).On(b.NodeIP4.String()))
 		res := n.MustAdd(p, tb.TCP(8080, 80).On(b.NodeIP4Alt.String()))
 		wantChains(t, b, tb.V4, a.Chain(n), p.Chain(n))
 		wantChains(t, b, tb.V6) // IPv4 host IPs claim nothing in IPv6
 		wantAnswer(t, b, "tcp", b.NodeIP4, 8080, "A")
 		wantAnswer(t, b, "tcp", b.NodeIP4Alt, 8080, "B")
-		if evs := takeoverEvents(res.Stderr); len(evs) != 0 {
-			t.Errorf("takeover reported for another host IP:\n%s", res.Stderr)
-		}
-		for _, q := range []*tb.Pod{a, p} {
-			if err := n.Check(q); err != nil {
-				t.Errorf("CHECK %s: %v", q.Name, err)
-			}
-		}
+		wantNoTakeover(t, res, "for another host IP")
+		wantChecksPass(t, n, a, p)
 	})
 
 	t.Run("specific host IPs of other families", func(t *testing.T) {
 		b := newBed(t)
 		n, _ := pgNet(b, tb.NetConfig{}, nil)
-		a, p := b.NewPod("A"), b.NewPod("B")
-		a.Serve(80)
-		p.Serve(80)
+		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80).On(b.NodeIP6.String()))
 		res := n.MustAdd(p, tb.TCP(8080, 80).On(b.NodeIP4.String()))
 		wantChains(t, b, tb.V6, a.Chain(n))
 		wantChains(t, b, tb.V4, p.Chain(n))
 		wantAnswer(t, b, "tcp", b.NodeIP6, 8080, "A")
 		wantAnswer(t, b, "tcp", b.NodeIP4, 8080, "B")
-		if evs := takeoverEvents(res.Stderr); len(evs) != 0 {
-			t.Errorf("takeover reported across families:\n%s", res.Stderr)
-		}
+		wantNoTakeover(t, res, "across families")
 	})
 
 	// A dual-stack pod holds 8080 in both families; an IPv4-only pod (another network and
@@ -210,9 +190,7 @@ func TestNoFalseTakeover(t *testing.T) {
 		b := newBed(t)
 		n, _ := pgNet(b, tb.NetConfig{}, nil)
 		n4, _ := pgNet(b, tb.NetConfig{IPv4Only: true, Bridge: "cni1"}, nil)
-		a, p := b.NewPod("A"), b.NewPod("B")
-		a.Serve(80)
-		p.Serve(80)
+		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80))
 		res := n4.MustAdd(p, tb.TCP(8080, 80))
 		wantChains(t, b, tb.V4, p.Chain(n4))
@@ -230,9 +208,7 @@ func TestNoFalseTakeover(t *testing.T) {
 	t.Run("wildcard then specific conflicts", func(t *testing.T) {
 		b := newBed(t)
 		n, _ := pgNet(b, tb.NetConfig{}, nil)
-		a, p := b.NewPod("A"), b.NewPod("B")
-		a.Serve(80)
-		p.Serve(80)
+		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80))
 		res := n.MustAdd(p, tb.TCP(8080, 80).On(b.NodeIP4.String()))
 		wantChains(t, b, tb.V4, p.Chain(n))
@@ -248,9 +224,7 @@ func TestNoFalseTakeover(t *testing.T) {
 	t.Run("specific then wildcard conflicts", func(t *testing.T) {
 		b := newBed(t)
 		n, _ := pgNet(b, tb.NetConfig{}, nil)
-		a, p := b.NewPod("A"), b.NewPod("B")
-		a.Serve(80)
-		p.Serve(80)
+		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80).On(b.NodeIP4.String()))
 		res := n.MustAdd(p, tb.TCP(8080, 80))
 		wantChains(t, b, tb.V4, p.Chain(n))
@@ -386,5 +360,31 @@ func TestPartialOverlapOfUpstreamChain(t *testing.T) {
 	}
 	if err := n.Check(nw); err != nil {
 		t.Errorf("CHECK of the new pod: %v", err)
+	}
+}
+
+// servingPods makes pods A and B, each answering its name on port 80.
+func servingPods(b *tb.Bed) (*tb.Pod, *tb.Pod) {
+	a, p := b.NewPod("A"), b.NewPod("B")
+	a.Serve(80)
+	p.Serve(80)
+	return a, p
+}
+
+// wantNoTakeover fails when the ADD reported taking over any claim.
+func wantNoTakeover(t *testing.T, res *tb.Result, why string) {
+	t.Helper()
+	if evs := takeoverEvents(res.Stderr); len(evs) != 0 {
+		t.Errorf("takeover reported %s:\n%s", why, res.Stderr)
+	}
+}
+
+// wantChecksPass runs CHECK for each pod.
+func wantChecksPass(t *testing.T, n *tb.Network, pods ...*tb.Pod) {
+	t.Helper()
+	for _, q := range pods {
+		if err := n.Check(q); err != nil {
+			t.Errorf("CHECK %s: %v", q.Name, err)
+		}
 	}
 }
