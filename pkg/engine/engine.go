@@ -16,6 +16,7 @@ import (
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/lock"
+	"github.com/portguard/portguard/pkg/nft"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
@@ -27,6 +28,10 @@ type Engine struct {
 	LockTimeout time.Duration
 	// OnTakeover is told about every claim removed for a new attachment.
 	OnTakeover func(plan.Takeover)
+	// Netlink lets the hot paths read and delete over nf_tables netlink in-process where
+	// the node's iptables is the nf_tables backend (see pkg/nft); iptables stays the
+	// only writer of rules.
+	Netlink bool
 }
 
 // New returns an engine that runs the real iptables binaries.
@@ -35,7 +40,19 @@ func New(lockTimeout time.Duration) *Engine {
 		Runner:      &iptables.Exec{WaitSeconds: int(lockTimeout / time.Second)},
 		LockPath:    lock.Path(),
 		LockTimeout: lockTimeout,
+		Netlink:     os.Getenv("PORTGUARD_NETLINK") != "off",
 	}
+}
+
+// netlinkFor tells whether family f may take the in-process nf_tables paths: only with
+// the real iptables runner working in this process's own network namespace, on nft.
+func (e *Engine) netlinkFor(f hostport.Family) bool {
+	x, ok := e.Runner.(*iptables.Exec)
+	if !e.Netlink || !ok || len(x.Prefix) > 0 {
+		return false
+	}
+	path, err := x.Path(f, "tables")
+	return err == nil && nft.Usable(f, path)
 }
 
 // lock takes the host-wide lock and hands it to every iptables child, so that a child
@@ -293,12 +310,29 @@ func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 	if err != nil {
 		return err
 	}
+	var conn *nft.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close() // after the lock: the kernel may hold this for an RCU grace period
+		}
+	}()
 	for _, f := range hostport.Families {
 		_, hasIP := c.PodIPs[f]
 		if c.PrevResult != nil && !hasIP {
 			continue // prevResult is the ADD's result: ADD wrote nothing in this family
 		}
 		tried++
+		if e.netlinkFor(f) {
+			if conn == nil {
+				conn, _ = nft.Open()
+			}
+			if conn != nil {
+				if done, _ := conn.RemoveAttachment(f, hostport.ChainName(owner)); done {
+					usable++
+					continue
+				}
+			}
+		}
 		d := plan.DesiredFor(c, owner, f, c.PodIPs[f])
 		if len(d.Jumps) == 0 {
 			slow = append(slow, f)

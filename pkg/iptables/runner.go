@@ -50,6 +50,11 @@ func binary(f hostport.Family, tool string) string {
 	return "ip" + tool
 }
 
+// Path is where family f's tool ("tables", "tables-restore", ...) is found on PATH.
+func (e *Exec) Path(f hostport.Family, tool string) (string, error) {
+	return exec.LookPath(binary(f, tool))
+}
+
 // ErrUnavailable marks a family whose iptables binary is missing or cannot use its table.
 var ErrUnavailable = errors.New("iptables unavailable")
 

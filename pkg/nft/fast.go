@@ -1,0 +1,95 @@
+package nft
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/portguard/portguard/pkg/hostport"
+)
+
+// DNATChain is where every attachment's jump lives (upstream's layout).
+const DNATChain = "CNI-HOSTPORT-DNAT"
+
+// Usable reports whether family f's nat rules can be read and deleted here, in this
+// network namespace, in place of running iptablesPath: the binary is not iptables-legacy
+// and the kernel has no legacy (x_tables) nat table in this namespace, so every nat rule
+// any iptables shows is an nf_tables rule. An unknown wrapper script counts as nft only
+// by the second test: with no legacy nat table there are no legacy nat rules to miss.
+func Usable(f hostport.Family, iptablesPath string) bool {
+	real, err := filepath.EvalSymlinks(iptablesPath)
+	if err != nil || strings.Contains(filepath.Base(real), "legacy") {
+		return false
+	}
+	names := "/proc/net/ip_tables_names"
+	if f == hostport.V6 {
+		names = "/proc/net/ip6_tables_names"
+	}
+	b, err := os.ReadFile(names)
+	if err == nil && slices.Contains(strings.Fields(string(b)), "nat") {
+		return false
+	}
+	return err == nil || os.IsNotExist(err)
+}
+
+// RemoveAttachment deletes an attachment's chain and the one jump that enters it from
+// CNI-HOSTPORT-DNAT, in one transaction, without reading CNI-HOSTPORT-DNAT in the common
+// case. done is false, with nothing changed, whenever the kernel shows anything else
+// (another rule entering the chain, a jump elsewhere, a concurrent change); the caller
+// then does it with iptables.
+//
+// Finding the jump: nf_tables numbers a table's chains and rules from one counter, in
+// the order of the transaction's messages. portguard's ADD sends the chain, its rules and
+// then the jump, so the jump's handle is the highest handle among the chain and its
+// rules, plus one. That guess is verified by reading that one rule; when it misses
+// (a chain written by upstream portmap, or rewritten by a takeover), the jump is looked
+// up in CNI-HOSTPORT-DNAT. The chain's use count (its rules plus every rule jumping to
+// it) proves the jump found is the only way in.
+func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err error) {
+	ch, ok, err := c.Chain(f, chain)
+	if err != nil || !ok {
+		// No chain, no jump: a rule cannot jump to a chain that does not exist.
+		return err == nil, err
+	}
+	rules, ok, err := c.Rules(f, chain)
+	if err != nil || !ok {
+		return false, err
+	}
+	switch refs := int(ch.Use) - len(rules); refs {
+	case 0:
+		return true, c.Commit(DeleteChain(f, chain))
+	case 1:
+	default:
+		return false, nil
+	}
+	guess := ch.Handle
+	for _, r := range rules {
+		guess = max(guess, r.Handle)
+	}
+	guess++
+	jump := uint64(0)
+	if r, ok, err := c.Rule(f, DNATChain, guess); err == nil && ok && r.Jump() == chain {
+		jump = r.Handle
+	} else {
+		all, ok, err := c.Rules(f, DNATChain)
+		if err != nil || !ok {
+			return false, err
+		}
+		for _, r := range all {
+			if r.Jump() == chain {
+				if jump != 0 {
+					return false, nil
+				}
+				jump = r.Handle
+			}
+		}
+		if jump == 0 {
+			return false, nil // the reference is outside CNI-HOSTPORT-DNAT
+		}
+	}
+	if err := c.Commit(DeleteRule(f, DNATChain, jump), DeleteChain(f, chain)); err != nil {
+		return false, err
+	}
+	return true, nil
+}

@@ -1,0 +1,227 @@
+package nft
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/portguard/portguard/pkg/hostport"
+)
+
+// attrs splits a run of netlink attributes by type (the nested flag masked off). A
+// malformed run yields what was well formed before it, and an error.
+func attrs(b []byte) (map[uint16][]byte, error) {
+	out := map[uint16][]byte{}
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:]))
+		t := binary.NativeEndian.Uint16(b[2:]) & nlaTypeMask
+		if l < 4 || l > len(b) {
+			return out, errors.New("nf_tables netlink: malformed attribute")
+		}
+		out[t] = b[4:l]
+		if align(l) >= len(b) {
+			break
+		}
+		b = b[align(l):]
+	}
+	return out, nil
+}
+
+// list returns the payloads of a nested list's NFTA_LIST_ELEM entries, in order.
+func list(b []byte) ([][]byte, error) {
+	var out [][]byte
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:]))
+		if l < 4 || l > len(b) {
+			return nil, errors.New("nf_tables netlink: malformed list")
+		}
+		if binary.NativeEndian.Uint16(b[2:])&nlaTypeMask == unix.NFTA_LIST_ELEM {
+			out = append(out, b[4:l])
+		}
+		if align(l) >= len(b) {
+			break
+		}
+		b = b[align(l):]
+	}
+	return out, nil
+}
+
+func cstr(b []byte) string {
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i])
+		}
+	}
+	return string(b)
+}
+
+// Chain is what the kernel says about one chain.
+type Chain struct {
+	Name   string
+	Handle uint64
+	// Use counts the chain's own rules plus every rule (anywhere) that jumps to it.
+	Use uint32
+}
+
+// Chain reads one chain of table nat; ok is false when it (or the table) does not exist.
+func (c *Conn) Chain(f hostport.Family, name string) (ch Chain, ok bool, err error) {
+	m := newMsg(nftType(unix.NFT_MSG_GETCHAIN), unix.NLM_F_REQUEST, family(f))
+	m.str(unix.NFTA_CHAIN_TABLE, "nat").str(unix.NFTA_CHAIN_NAME, name)
+	objs, err := c.get(m)
+	if errors.Is(err, unix.ENOENT) {
+		return Chain{}, false, nil
+	}
+	if err != nil {
+		return Chain{}, false, fmt.Errorf("read chain %s: %w", name, err)
+	}
+	if len(objs) != 1 {
+		return Chain{}, false, fmt.Errorf("read chain %s: %d answers", name, len(objs))
+	}
+	a, err := attrs(objs[0])
+	if err != nil {
+		return Chain{}, false, err
+	}
+	ch = Chain{Name: cstr(a[unix.NFTA_CHAIN_NAME])}
+	if v := a[unix.NFTA_CHAIN_HANDLE]; len(v) == 8 {
+		ch.Handle = binary.BigEndian.Uint64(v)
+	}
+	if v := a[unix.NFTA_CHAIN_USE]; len(v) == 4 {
+		ch.Use = binary.BigEndian.Uint32(v)
+	}
+	if ch.Name != name || ch.Handle == 0 {
+		return Chain{}, false, fmt.Errorf("read chain %s: unexpected answer", name)
+	}
+	return ch, true, nil
+}
+
+// Expr is one expression of a rule: its name and its attributes.
+type Expr struct {
+	Name  string
+	Attrs map[uint16][]byte
+}
+
+// Rule is one rule as the kernel holds it.
+type Rule struct {
+	Chain  string
+	Handle uint64
+	Exprs  []Expr
+}
+
+func parseRule(b []byte) (Rule, error) {
+	a, err := attrs(b)
+	if err != nil {
+		return Rule{}, err
+	}
+	r := Rule{Chain: cstr(a[unix.NFTA_RULE_CHAIN])}
+	if v := a[unix.NFTA_RULE_HANDLE]; len(v) == 8 {
+		r.Handle = binary.BigEndian.Uint64(v)
+	}
+	elems, err := list(a[unix.NFTA_RULE_EXPRESSIONS])
+	if err != nil {
+		return Rule{}, err
+	}
+	for _, e := range elems {
+		ea, err := attrs(e)
+		if err != nil {
+			return Rule{}, err
+		}
+		x := Expr{Name: cstr(ea[unix.NFTA_EXPR_NAME])}
+		if x.Attrs, err = attrs(ea[unix.NFTA_EXPR_DATA]); err != nil {
+			return Rule{}, err
+		}
+		r.Exprs = append(r.Exprs, x)
+	}
+	if r.Handle == 0 {
+		return Rule{}, errors.New("nf_tables netlink: rule without handle")
+	}
+	return r, nil
+}
+
+// Rules reads every rule of one chain of table nat, in order; ok is false when the chain
+// does not exist.
+func (c *Conn) Rules(f hostport.Family, chain string) (rules []Rule, ok bool, err error) {
+	m := newMsg(nftType(unix.NFT_MSG_GETRULE), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, family(f))
+	m.str(unix.NFTA_RULE_TABLE, "nat").str(unix.NFTA_RULE_CHAIN, chain)
+	objs, err := c.get(m)
+	if errors.Is(err, unix.ENOENT) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("read rules of %s: %w", chain, err)
+	}
+	for _, o := range objs {
+		r, err := parseRule(o)
+		if err != nil {
+			return nil, false, fmt.Errorf("read rules of %s: %w", chain, err)
+		}
+		if r.Chain != chain {
+			continue // an older kernel that ignores the chain filter
+		}
+		rules = append(rules, r)
+	}
+	return rules, true, nil
+}
+
+// Rule reads one rule by handle; ok is false when no rule of chain has it.
+func (c *Conn) Rule(f hostport.Family, chain string, handle uint64) (Rule, bool, error) {
+	m := newMsg(nftType(unix.NFT_MSG_GETRULE), unix.NLM_F_REQUEST, family(f))
+	m.str(unix.NFTA_RULE_TABLE, "nat").str(unix.NFTA_RULE_CHAIN, chain).u64(unix.NFTA_RULE_HANDLE, handle)
+	objs, err := c.get(m)
+	if errors.Is(err, unix.ENOENT) {
+		return Rule{}, false, nil
+	}
+	if err != nil {
+		return Rule{}, false, fmt.Errorf("read rule %d of %s: %w", handle, chain, err)
+	}
+	if len(objs) != 1 {
+		return Rule{}, false, fmt.Errorf("read rule %d of %s: %d answers", handle, chain, len(objs))
+	}
+	r, err := parseRule(objs[0])
+	if err != nil || r.Chain != chain || r.Handle != handle {
+		return Rule{}, false, fmt.Errorf("read rule %d of %s: unexpected answer (%v)", handle, chain, err)
+	}
+	return r, true, nil
+}
+
+// Jump is the chain the rule's verdict jumps to ("" for any other verdict or none).
+func (r Rule) Jump() string {
+	if len(r.Exprs) == 0 {
+		return ""
+	}
+	x := r.Exprs[len(r.Exprs)-1]
+	if x.Name != "immediate" {
+		return ""
+	}
+	data, err := attrs(x.Attrs[unix.NFTA_IMMEDIATE_DATA])
+	if err != nil {
+		return ""
+	}
+	v, err := attrs(data[unix.NFTA_DATA_VERDICT])
+	if err != nil || len(v[unix.NFTA_VERDICT_CODE]) != 4 {
+		return ""
+	}
+	if int32(binary.BigEndian.Uint32(v[unix.NFTA_VERDICT_CODE])) != unix.NFT_JUMP {
+		return ""
+	}
+	return cstr(v[unix.NFTA_VERDICT_CHAIN])
+}
+
+// Xt returns the info blob of the rule's first xtables match or target (kind "match" or
+// "target") with this name, as iptables-nft stores the ones it does not translate.
+func (r Rule) Xt(kind, name string) ([]byte, bool) {
+	nameAttr, infoAttr := uint16(unix.NFTA_MATCH_NAME), uint16(unix.NFTA_MATCH_INFO)
+	if kind == "target" {
+		nameAttr, infoAttr = unix.NFTA_TARGET_NAME, unix.NFTA_TARGET_INFO
+	}
+	for _, x := range r.Exprs {
+		if x.Name == kind && cstr(x.Attrs[nameAttr]) == name {
+			return x.Attrs[infoAttr], true
+		}
+	}
+	return nil, false
+}
+
+// nlaTypeMask strips NLA_F_NESTED and NLA_F_NET_BYTEORDER from an attribute type.
+const nlaTypeMask = 0x3fff
