@@ -32,6 +32,7 @@ type Engine struct {
 	// the node's iptables is the nf_tables backend (see pkg/nft); iptables stays the
 	// only writer of rules.
 	Netlink bool
+	nl      *nft.Conn // opened on first use, closed by closeNetlink
 }
 
 // New returns an engine that runs the real iptables binaries.
@@ -42,6 +43,35 @@ func New(lockTimeout time.Duration) *Engine {
 		LockTimeout: lockTimeout,
 		Netlink:     os.Getenv("PORTGUARD_NETLINK") != "off",
 	}
+}
+
+// conn returns the engine's netlink socket for family f, or nil when f must use iptables.
+func (e *Engine) conn(f hostport.Family) *nft.Conn {
+	if !e.netlinkFor(f) {
+		return nil
+	}
+	if e.nl == nil {
+		e.nl, _ = nft.Open()
+	}
+	return e.nl
+}
+
+// closeNetlink closes the socket. Call it after releasing the lock: after a commit that
+// deleted rules the kernel holds the close for an RCU grace period.
+func (e *Engine) closeNetlink() {
+	if e.nl != nil {
+		e.nl.Close()
+		e.nl = nil
+	}
+}
+
+// reader is the runner for reads of family f: CNI-HOSTPORT-DNAT over netlink where
+// possible (nft.Reader), everything else by iptables.
+func (e *Engine) reader(f hostport.Family) iptables.Runner {
+	if c := e.conn(f); c != nil {
+		return &nft.Reader{Runner: e.Runner, Conn: c}
+	}
+	return e.Runner
 }
 
 // netlinkFor tells whether family f may take the in-process nf_tables paths: only with
@@ -155,6 +185,7 @@ func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover,
 	if len(ds) == 0 {
 		return nil, nil
 	}
+	defer e.closeNetlink()
 	t, err := e.add(ds, c.Policy, true)
 	if errors.Is(err, errNeedExclusive) {
 		t, err = e.add(ds, c.Policy, false)
@@ -232,16 +263,21 @@ type addPlan struct {
 // may conflict); the shared chains are asserted with -C rather than read. A node without
 // CNI-HOSTPORT-DNAT is new, and then the shared chains are read so they can be created.
 func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
-	s, err := state.Observe(e.Runner, d.Family, state.DNATChain)
+	r := e.reader(d.Family)
+	s, err := state.Observe(r, d.Family, state.DNATChain)
 	if err != nil {
 		return addPlan{}, err
 	}
 	if !s.DNATExists() {
-		if err := s.Read(e.Runner, state.SharedChains...); err != nil {
+		if err := s.Read(r, state.SharedChains...); err != nil {
 			return addPlan{}, err
 		}
+	} else if c := e.conn(d.Family); c != nil {
+		// Shown intact, the shared rules need no -C in the payload; those assertions would
+		// make iptables-restore fetch all of CNI-HOSTPORT-DNAT again.
+		s.SharedShown, _ = c.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
 	}
-	res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
+	res, err := planWith(r, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
 	return addPlan{d: d, s: s, res: res}, err
 }
 
@@ -310,27 +346,17 @@ func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 	if err != nil {
 		return err
 	}
-	var conn *nft.Conn
-	defer func() {
-		if conn != nil {
-			conn.Close() // after the lock: the kernel may hold this for an RCU grace period
-		}
-	}()
+	defer e.closeNetlink()
 	for _, f := range hostport.Families {
 		_, hasIP := c.PodIPs[f]
 		if c.PrevResult != nil && !hasIP {
 			continue // prevResult is the ADD's result: ADD wrote nothing in this family
 		}
 		tried++
-		if e.netlinkFor(f) {
-			if conn == nil {
-				conn, _ = nft.Open()
-			}
-			if conn != nil {
-				if done, _ := conn.RemoveAttachment(f, hostport.ChainName(owner)); done {
-					usable++
-					continue
-				}
+		if c := e.conn(f); c != nil {
+			if done, _ := c.RemoveAttachment(f, hostport.ChainName(owner)); done {
+				usable++
+				continue
 			}
 		}
 		d := plan.DesiredFor(c, owner, f, c.PodIPs[f])
@@ -404,14 +430,16 @@ func (e *Engine) delFamily(owner hostport.Owner, f hostport.Family) error {
 // Check validates the attachment in the families the pod has addresses in.
 func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 	defer func() { err = cniError(err) }()
+	defer e.closeNetlink()
 	var problems []string
 	for _, d := range podDesired(c, owner) {
 		f := d.Family
-		s, err := state.Observe(e.Runner, f, state.DNATChain)
+		r := e.reader(f)
+		s, err := state.Observe(r, f, state.DNATChain)
 		if err != nil {
 			return err
 		}
-		res, err := planWith(e.Runner, s, func(s *state.State) plan.Result { return plan.Check(s, d) })
+		res, err := planWith(r, s, func(s *state.State) plan.Result { return plan.Check(s, d) })
 		if err != nil {
 			return err
 		}

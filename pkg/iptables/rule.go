@@ -126,9 +126,10 @@ func QuoteArg(a string) string {
 	if safeArg(a) {
 		return a
 	}
-	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`)
-	return `"` + r.Replace(a) + `"`
+	return `"` + quoteEscaper.Replace(a) + `"`
 }
+
+var quoteEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`)
 
 // JoinArgs renders arguments for iptables-restore.
 func JoinArgs(args []string) string {

@@ -57,6 +57,13 @@ func (t *Table) chain(name string) *Chain {
 	return c
 }
 
+// Add records a chain that was read and its rules, for readers that get rules some other
+// way than as iptables' text (pkg/nft); the rules' Args are what Parse would have made.
+func (t *Table) Add(chain string, rules ...Rule) {
+	c := t.chain(chain)
+	c.Rules = append(c.Rules, rules...)
+}
+
 // Parse adds the output of `iptables -t nat -S [CHAIN]` or `iptables-save -t nat` to the
 // table. Both formats name chains (-P/-N or :CHAIN) and list rules as "-A CHAIN args...".
 // It is the only parser of iptables output in portguard.

@@ -124,7 +124,8 @@ func (c *Conn) recv() ([]reply, error) {
 		return nil, fmt.Errorf("nf_tables netlink: %w", err)
 	}
 	var out []reply
-	b := c.buf[:n]
+	// One copy per datagram; the messages' payloads are slices of it.
+	b := append([]byte(nil), c.buf[:n]...)
 	for len(b) >= unix.NLMSG_HDRLEN {
 		l := int(binary.NativeEndian.Uint32(b[0:]))
 		if l < unix.NLMSG_HDRLEN || l > len(b) {
@@ -146,7 +147,7 @@ func (c *Conn) recv() ([]reply, error) {
 			}
 		default:
 			if len(body) >= 4 {
-				r.data = append([]byte(nil), body[4:]...)
+				r.data = body[4:]
 			}
 		}
 		out = append(out, r)

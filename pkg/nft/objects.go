@@ -10,23 +10,44 @@ import (
 	"github.com/portguard/portguard/pkg/hostport"
 )
 
-// attrs splits a run of netlink attributes by type (the nested flag masked off). A
-// malformed run yields what was well formed before it, and an error.
-func attrs(b []byte) (map[uint16][]byte, error) {
-	out := map[uint16][]byte{}
+// attrList is a run of netlink attributes as received. Lookups scan it: nf_tables
+// objects carry a handful of attributes each, and a dump of a thousand rules decodes
+// tens of thousands, so not building maps or slices for them is most of a dump's cost.
+type attrList []byte
+
+// get returns the payload of the first attribute of this type (the nested and
+// byte-order flags ignored); nil when it is absent or the run is malformed before it.
+func (l attrList) get(typ uint16) []byte {
+	b := []byte(l)
 	for len(b) >= 4 {
-		l := int(binary.NativeEndian.Uint16(b[0:]))
-		t := binary.NativeEndian.Uint16(b[2:]) & nlaTypeMask
-		if l < 4 || l > len(b) {
-			return out, errors.New("nf_tables netlink: malformed attribute")
+		n := int(binary.NativeEndian.Uint16(b[0:]))
+		if n < 4 || n > len(b) {
+			return nil
 		}
-		out[t] = b[4:l]
-		if align(l) >= len(b) {
+		if binary.NativeEndian.Uint16(b[2:])&nlaTypeMask == typ {
+			return b[4:n]
+		}
+		if align(n) >= len(b) {
+			return nil
+		}
+		b = b[align(n):]
+	}
+	return nil
+}
+
+// attrs wraps a run of attributes, checking that it is well formed.
+func attrs(b []byte) (attrList, error) {
+	for r := b; len(r) >= 4; {
+		n := int(binary.NativeEndian.Uint16(r[0:]))
+		if n < 4 || n > len(r) {
+			return nil, errors.New("nf_tables netlink: malformed attribute")
+		}
+		if align(n) >= len(r) {
 			break
 		}
-		b = b[align(l):]
+		r = r[align(n):]
 	}
-	return out, nil
+	return attrList(b), nil
 }
 
 // list returns the payloads of a nested list's NFTA_LIST_ELEM entries, in order.
@@ -83,11 +104,11 @@ func (c *Conn) Chain(f hostport.Family, name string) (ch Chain, ok bool, err err
 	if err != nil {
 		return Chain{}, false, err
 	}
-	ch = Chain{Name: cstr(a[unix.NFTA_CHAIN_NAME])}
-	if v := a[unix.NFTA_CHAIN_HANDLE]; len(v) == 8 {
+	ch = Chain{Name: cstr(a.get(unix.NFTA_CHAIN_NAME))}
+	if v := a.get(unix.NFTA_CHAIN_HANDLE); len(v) == 8 {
 		ch.Handle = binary.BigEndian.Uint64(v)
 	}
-	if v := a[unix.NFTA_CHAIN_USE]; len(v) == 4 {
+	if v := a.get(unix.NFTA_CHAIN_USE); len(v) == 4 {
 		ch.Use = binary.BigEndian.Uint32(v)
 	}
 	if ch.Name != name || ch.Handle == 0 {
@@ -99,7 +120,7 @@ func (c *Conn) Chain(f hostport.Family, name string) (ch Chain, ok bool, err err
 // Expr is one expression of a rule: its name and its attributes.
 type Expr struct {
 	Name  string
-	Attrs map[uint16][]byte
+	Attrs attrList
 }
 
 // Rule is one rule as the kernel holds it.
@@ -114,21 +135,22 @@ func parseRule(b []byte) (Rule, error) {
 	if err != nil {
 		return Rule{}, err
 	}
-	r := Rule{Chain: cstr(a[unix.NFTA_RULE_CHAIN])}
-	if v := a[unix.NFTA_RULE_HANDLE]; len(v) == 8 {
+	r := Rule{Chain: cstr(a.get(unix.NFTA_RULE_CHAIN))}
+	if v := a.get(unix.NFTA_RULE_HANDLE); len(v) == 8 {
 		r.Handle = binary.BigEndian.Uint64(v)
 	}
-	elems, err := list(a[unix.NFTA_RULE_EXPRESSIONS])
+	elems, err := list(a.get(unix.NFTA_RULE_EXPRESSIONS))
 	if err != nil {
 		return Rule{}, err
 	}
+	r.Exprs = make([]Expr, 0, len(elems))
 	for _, e := range elems {
 		ea, err := attrs(e)
 		if err != nil {
 			return Rule{}, err
 		}
-		x := Expr{Name: cstr(ea[unix.NFTA_EXPR_NAME])}
-		if x.Attrs, err = attrs(ea[unix.NFTA_EXPR_DATA]); err != nil {
+		x := Expr{Name: cstr(ea.get(unix.NFTA_EXPR_NAME))}
+		if x.Attrs, err = attrs(ea.get(unix.NFTA_EXPR_DATA)); err != nil {
 			return Rule{}, err
 		}
 		r.Exprs = append(r.Exprs, x)
@@ -194,18 +216,18 @@ func (r Rule) Jump() string {
 	if x.Name != "immediate" {
 		return ""
 	}
-	data, err := attrs(x.Attrs[unix.NFTA_IMMEDIATE_DATA])
+	data, err := attrs(x.Attrs.get(unix.NFTA_IMMEDIATE_DATA))
 	if err != nil {
 		return ""
 	}
-	v, err := attrs(data[unix.NFTA_DATA_VERDICT])
-	if err != nil || len(v[unix.NFTA_VERDICT_CODE]) != 4 {
+	v, err := attrs(data.get(unix.NFTA_DATA_VERDICT))
+	if err != nil || len(v.get(unix.NFTA_VERDICT_CODE)) != 4 {
 		return ""
 	}
-	if int32(binary.BigEndian.Uint32(v[unix.NFTA_VERDICT_CODE])) != unix.NFT_JUMP {
+	if int32(binary.BigEndian.Uint32(v.get(unix.NFTA_VERDICT_CODE))) != unix.NFT_JUMP {
 		return ""
 	}
-	return cstr(v[unix.NFTA_VERDICT_CHAIN])
+	return cstr(v.get(unix.NFTA_VERDICT_CHAIN))
 }
 
 // Xt returns the info blob of the rule's first xtables match or target (kind "match" or
@@ -216,8 +238,8 @@ func (r Rule) Xt(kind, name string) ([]byte, bool) {
 		nameAttr, infoAttr = unix.NFTA_TARGET_NAME, unix.NFTA_TARGET_INFO
 	}
 	for _, x := range r.Exprs {
-		if x.Name == kind && cstr(x.Attrs[nameAttr]) == name {
-			return x.Attrs[infoAttr], true
+		if x.Name == kind && cstr(x.Attrs.get(nameAttr)) == name {
+			return x.Attrs.get(infoAttr), true
 		}
 	}
 	return nil, false

@@ -8,7 +8,8 @@ import (
 // ensureShared adds to tx what the shared layout lacks: CNI-HOSTPORT-DNAT and its entry
 // jumps, and (snat with portguard's own marks) SETMARK, MASQ and POSTROUTING's jump.
 // A chain that was not read is not declared (that would flush it); its rules are asserted
-// with -C instead, so the payload fails rather than guess, and the caller reads and replans.
+// with -C instead, so the payload fails rather than guess, and the caller reads and replans,
+// unless the kernel was shown to hold them (State.SharedShown).
 //
 // It reports whether it changed anything (rather than only asserting): creating the shared
 // layout is the one write that concurrent ADDs of different ports must not both do.
@@ -52,6 +53,7 @@ func ensureShared(tx *iptables.Tx, s *state.State, snat, externalMark bool, mark
 // exist because the chain it jumps to (or lives in) is being created.
 func ensureRule(tx *iptables.Tx, s *state.State, r iptables.Rule, targetNew, prepend bool, what string) {
 	switch {
+	case !targetNew && !s.Table.Known(r.Chain) && s.SharedShown:
 	case !targetNew && !s.Table.Known(r.Chain):
 		tx.CheckRule(r, what+" is missing")
 	case !targetNew && s.HasRule(r):

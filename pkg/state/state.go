@@ -59,6 +59,11 @@ type State struct {
 	Table       *iptables.Table
 	Jumps       []Jump // every rule of CNI-HOSTPORT-DNAT, in order
 	Attachments map[string]*Attachment
+	// SharedShown says the shared chains were not read but the kernel was shown to hold
+	// the shared layout's rules (entry jumps, and SETMARK, MASQ and POSTROUTING's jump
+	// when masquerading) exactly, over netlink (nft.Conn.SharedLayout): a plan may take
+	// those rules as present instead of asserting them.
+	SharedShown bool
 }
 
 // New interprets a table. Call it again (or Refresh) after reading more chains.
