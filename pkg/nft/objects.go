@@ -183,6 +183,11 @@ func (c *Conn) Rules(f hostport.Family, chain string) (rules []Rule, ok bool, er
 		}
 		rules = append(rules, r)
 	}
+	if len(rules) == 0 {
+		// A dump filtered by a chain that does not exist is simply empty.
+		_, ok, err := c.Chain(f, chain)
+		return nil, ok, err
+	}
 	return rules, true, nil
 }
 
