@@ -101,8 +101,9 @@ func align(n int) int { return (n + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO -
 
 // reply is one received message: its type, sequence number and payload after nfgenmsg.
 type reply struct {
-	typ  uint16
-	seq  uint32
+	typ   uint16
+	flags uint16
+	seq   uint32
 	err  error // for NLMSG_ERROR: nil is an ACK
 	data []byte
 }
@@ -131,7 +132,7 @@ func (c *Conn) recv() ([]reply, error) {
 		if l < unix.NLMSG_HDRLEN || l > len(b) {
 			return nil, errors.New("nf_tables netlink: truncated message")
 		}
-		r := reply{typ: binary.NativeEndian.Uint16(b[4:]), seq: binary.NativeEndian.Uint32(b[8:])}
+		r := reply{typ: binary.NativeEndian.Uint16(b[4:]), flags: binary.NativeEndian.Uint16(b[6:]), seq: binary.NativeEndian.Uint32(b[8:])}
 		body := b[unix.NLMSG_HDRLEN:l]
 		switch r.typ {
 		case unix.NLMSG_ERROR:
@@ -156,6 +157,10 @@ func (c *Conn) recv() ([]reply, error) {
 	return out, nil
 }
 
+// ErrDumpInterrupted says the ruleset changed while a dump was being read, so its parts
+// may not fit together; the caller reads again or uses iptables.
+var ErrDumpInterrupted = errors.New("nf_tables netlink: the ruleset changed during the dump")
+
 // get sends one request and collects its answers: one object, or every object of a dump.
 func (c *Conn) get(m *msg) ([][]byte, error) {
 	if err := c.send(m); err != nil {
@@ -163,6 +168,7 @@ func (c *Conn) get(m *msg) ([][]byte, error) {
 	}
 	dump := m.flags&unix.NLM_F_DUMP != 0
 	var out [][]byte
+	interrupted := false
 	for {
 		rs, err := c.recv()
 		if err != nil {
@@ -172,8 +178,12 @@ func (c *Conn) get(m *msg) ([][]byte, error) {
 			if r.seq != m.seq {
 				continue // a late answer to an earlier request
 			}
+			interrupted = interrupted || r.flags&unix.NLM_F_DUMP_INTR != 0
 			switch {
 			case r.typ == unix.NLMSG_DONE:
+				if interrupted {
+					return nil, ErrDumpInterrupted
+				}
 				return out, nil
 			case r.typ == unix.NLMSG_ERROR:
 				if r.err != nil {

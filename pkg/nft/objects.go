@@ -164,9 +164,15 @@ func parseRule(b []byte) (Rule, error) {
 // Rules reads every rule of one chain of table nat, in order; ok is false when the chain
 // does not exist.
 func (c *Conn) Rules(f hostport.Family, chain string) (rules []Rule, ok bool, err error) {
-	m := newMsg(nftType(unix.NFT_MSG_GETRULE), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, family(f))
-	m.str(unix.NFTA_RULE_TABLE, "nat").str(unix.NFTA_RULE_CHAIN, chain)
-	objs, err := c.get(m)
+	var objs [][]byte
+	for try := 0; ; try++ {
+		m := newMsg(nftType(unix.NFT_MSG_GETRULE), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, family(f))
+		m.str(unix.NFTA_RULE_TABLE, "nat").str(unix.NFTA_RULE_CHAIN, chain)
+		objs, err = c.get(m)
+		if !errors.Is(err, ErrDumpInterrupted) || try == 2 {
+			break
+		}
+	}
 	if errors.Is(err, unix.ENOENT) {
 		return nil, false, nil
 	}
