@@ -104,8 +104,8 @@ type reply struct {
 	typ   uint16
 	flags uint16
 	seq   uint32
-	err  error // for NLMSG_ERROR: nil is an ACK
-	data []byte
+	err   error // for NLMSG_ERROR: nil is an ACK
+	data  []byte
 }
 
 // send writes the messages in one datagram, numbering them.
