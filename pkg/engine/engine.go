@@ -21,7 +21,8 @@ import (
 	"github.com/portguard/portguard/pkg/state"
 )
 
-// Engine carries what every verb needs.
+// Engine carries what every verb needs. It serves one verb at a time (the plugin makes one
+// call per process).
 type Engine struct {
 	Runner      iptables.Runner
 	LockPath    string
@@ -81,8 +82,9 @@ func (e *Engine) netlinkFor(f hostport.Family) bool {
 	if !e.Netlink || !ok || len(x.Prefix) > 0 {
 		return false
 	}
-	path, err := x.Path(f, "tables")
-	return err == nil && nft.Usable(f, path)
+	list, err1 := x.Path(f, "tables")
+	restore, err2 := x.Path(f, "tables-restore")
+	return err1 == nil && err2 == nil && nft.Usable(f, list, restore)
 }
 
 // lock takes the host-wide lock and hands it to every iptables child, so that a child

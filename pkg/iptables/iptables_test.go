@@ -15,6 +15,10 @@ func TestSplitArgsReadsWhatIptablesPrints(t *testing.T) {
 	if strings.Join(args, "|") != strings.Join(want, "|") {
 		t.Fatalf("got %q\nwant %q", args, want)
 	}
+	// iptables escapes ' too inside a quoted comment.
+	if got, err := SplitArgs(`-A X --comment "it\'s \"q\""`); err != nil || len(got) != 4 || got[3] != `it's "q"` {
+		t.Fatalf("escaped quote: %q, %v", got, err)
+	}
 	if _, err := SplitArgs(`-A X --comment "open`); err == nil {
 		t.Fatal("unterminated quote accepted")
 	}

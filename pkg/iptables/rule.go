@@ -75,7 +75,7 @@ func SplitArgs(line string) ([]string, error) {
 		for ; i < n; i++ {
 			c := line[i]
 			switch {
-			case inQuote && c == '\\' && i+1 < n && (line[i+1] == '"' || line[i+1] == '\\'):
+			case inQuote && c == '\\' && i+1 < n && (line[i+1] == '"' || line[i+1] == '\\' || line[i+1] == '\''):
 				i++
 				b.WriteByte(line[i])
 			case c == '"':

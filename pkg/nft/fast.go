@@ -13,18 +13,23 @@ import (
 const DNATChain = "CNI-HOSTPORT-DNAT"
 
 // Usable reports whether family f's nat rules can be read and deleted here, in this
-// network namespace, in place of running iptablesPath: the binary is not iptables-legacy
+// network namespace, in place of running the iptables binaries at paths (iptables and
+// iptables-restore, as the runner resolves them): neither is iptables-legacy
 // and the kernel has no legacy (x_tables) nat table in this namespace, so every nat rule
 // any iptables shows is an nf_tables rule. An unknown wrapper script counts as nft only
 // by the second test: with no legacy nat table there are no legacy nat rules to miss.
-func Usable(f hostport.Family, iptablesPath string) bool {
-	real, err := filepath.EvalSymlinks(iptablesPath)
-	if err != nil || strings.Contains(filepath.Base(real), "legacy") {
-		return false
+func Usable(f hostport.Family, paths ...string) bool {
+	for _, p := range paths {
+		real, err := filepath.EvalSymlinks(p)
+		if err != nil || strings.Contains(filepath.Base(real), "legacy") {
+			return false
+		}
 	}
-	names := "/proc/net/ip_tables_names"
+	// thread-self: the namespace of the calling thread, which is where a netlink socket
+	// opened by it lives (tests run in a namespace on one locked thread).
+	names := "/proc/thread-self/net/ip_tables_names"
 	if f == hostport.V6 {
-		names = "/proc/net/ip6_tables_names"
+		names = "/proc/thread-self/net/ip6_tables_names"
 	}
 	b, err := os.ReadFile(names)
 	if err == nil && slices.Contains(strings.Fields(string(b)), "nat") {
@@ -58,7 +63,10 @@ func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err
 	}
 	switch refs := int(ch.Use) - len(rules); refs {
 	case 0:
-		return true, c.Commit(DeleteChain(f, chain))
+		if err := c.Commit(DeleteChain(f, chain)); err != nil {
+			return false, err
+		}
+		return true, nil
 	case 1:
 	default:
 		return false, nil

@@ -146,6 +146,13 @@ func (c *Conn) recv() ([]reply, error) {
 				// The error echoes the request header: its sequence number is the request's.
 				r.seq = binary.NativeEndian.Uint32(body[4+8:])
 			}
+		case unix.NLMSG_DONE:
+			// A dump's end carries the errno that cut it short, if one did.
+			if len(body) >= 4 {
+				if e := int32(binary.NativeEndian.Uint32(body)); e < 0 {
+					r.err = unix.Errno(-e)
+				}
+			}
 		default:
 			if len(body) >= 4 {
 				r.data = body[4:]
@@ -181,6 +188,9 @@ func (c *Conn) get(m *msg) ([][]byte, error) {
 			interrupted = interrupted || r.flags&unix.NLM_F_DUMP_INTR != 0
 			switch {
 			case r.typ == unix.NLMSG_DONE:
+				if r.err != nil {
+					return nil, r.err
+				}
 				if interrupted {
 					return nil, ErrDumpInterrupted
 				}

@@ -128,6 +128,9 @@ type Rule struct {
 	Chain  string
 	Handle uint64
 	Exprs  []Expr
+	// Userdata is where nft (and newer iptables) keep a rule's comment; iptables shows
+	// it as -m comment, which the shapes recognised here do not account for.
+	Userdata []byte
 }
 
 func parseRule(b []byte) (Rule, error) {
@@ -135,7 +138,7 @@ func parseRule(b []byte) (Rule, error) {
 	if err != nil {
 		return Rule{}, err
 	}
-	r := Rule{Chain: cstr(a.get(unix.NFTA_RULE_CHAIN))}
+	r := Rule{Chain: cstr(a.get(unix.NFTA_RULE_CHAIN)), Userdata: a.get(unix.NFTA_RULE_USERDATA)}
 	if v := a.get(unix.NFTA_RULE_HANDLE); len(v) == 8 {
 		r.Handle = binary.BigEndian.Uint64(v)
 	}
@@ -242,14 +245,18 @@ func (r Rule) Jump() string {
 }
 
 // Xt returns the info blob of the rule's first xtables match or target (kind "match" or
-// "target") with this name, as iptables-nft stores the ones it does not translate.
-func (r Rule) Xt(kind, name string) ([]byte, bool) {
-	nameAttr, infoAttr := uint16(unix.NFTA_MATCH_NAME), uint16(unix.NFTA_MATCH_INFO)
+// "target") with this name and revision, as iptables-nft stores the ones it does not
+// translate. The revision fixes the blob's layout.
+func (r Rule) Xt(kind, name string, rev uint32) ([]byte, bool) {
+	nameAttr, revAttr, infoAttr := uint16(unix.NFTA_MATCH_NAME), uint16(unix.NFTA_MATCH_REV), uint16(unix.NFTA_MATCH_INFO)
 	if kind == "target" {
-		nameAttr, infoAttr = unix.NFTA_TARGET_NAME, unix.NFTA_TARGET_INFO
+		nameAttr, revAttr, infoAttr = unix.NFTA_TARGET_NAME, unix.NFTA_TARGET_REV, unix.NFTA_TARGET_INFO
 	}
 	for _, x := range r.Exprs {
 		if x.Name == kind && cstr(x.Attrs.get(nameAttr)) == name {
+			if !u32Is(x.Attrs.get(revAttr), rev) {
+				return nil, false
+			}
 			return x.Attrs.get(infoAttr), true
 		}
 	}

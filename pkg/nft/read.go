@@ -61,6 +61,9 @@ var protoNames = map[byte]string{unix.IPPROTO_TCP: "tcp", unix.IPPROTO_UDP: "udp
 // shape iptables-nft gives `-p P -m comment --comment C -m multiport --dports L -j X`,
 // back into those arguments.
 func jumpArgs(r Rule) ([]string, bool) {
+	if r.Userdata != nil {
+		return nil, false // a comment kept as userdata: iptables -S shows it, we would not
+	}
 	args := make([]string, 0, 12)
 	proto := ""
 	for i := 0; i < len(r.Exprs); i++ {
@@ -178,14 +181,14 @@ func (c *Conn) SharedLayout(f hostport.Family, masq bool, markBit int) (bool, er
 	has := func(chain string, want func(Rule) bool) (bool, error) {
 		rules, _, err := c.Rules(f, chain)
 		for _, r := range rules {
-			if want(r) {
+			if r.Userdata == nil && want(r) {
 				return true, nil
 			}
 		}
 		return false, err
 	}
 	entry := func(r Rule) bool {
-		info, ok := r.Xt("match", "addrtype")
+		info, ok := r.Xt("match", "addrtype", 1)
 		// struct xt_addrtype_info_v1 {u16 source, dest; u32 flags}: dest LOCAL (1 << RTN_LOCAL).
 		return ok && r.Jump() == DNATChain && shape(r, "match", "immediate") && len(info) >= 8 &&
 			binary.NativeEndian.Uint16(info[0:]) == 0 && binary.NativeEndian.Uint16(info[2:]) == 1<<unix.RTN_LOCAL &&
@@ -203,13 +206,13 @@ func (c *Conn) SharedLayout(f hostport.Family, masq bool, markBit int) (bool, er
 				return r.Jump() == masqChain && shape(r, "match", "immediate") && comment(r) == masqJumpComment
 			}},
 			check{setMarkChain, func(r Rule) bool {
-				info, ok := r.Xt("target", "MARK") // struct xt_mark_tginfo2 {u32 mark, mask}
+				info, ok := r.Xt("target", "MARK", 2) // struct xt_mark_tginfo2 {u32 mark, mask}
 				return ok && shape(r, "match", "target") && comment(r) == setMarkComment && len(info) >= 8 &&
 					binary.NativeEndian.Uint32(info[0:]) == bit && binary.NativeEndian.Uint32(info[4:]) == bit
 			}},
 			check{masqChain, func(r Rule) bool {
-				_, ok := r.Xt("target", "MASQUERADE")
-				return ok && shape(r, "meta", "bitwise", "cmp", "target") && markTest(r, bit)
+				info, ok := r.Xt("target", "MASQUERADE", 0)
+				return ok && plainMasquerade(f, info) && shape(r, "meta", "bitwise", "cmp", "target") && markTest(r, bit)
 			}})
 	}
 	for _, ch := range checks {
@@ -236,7 +239,7 @@ func shape(r Rule, names ...string) bool {
 }
 
 func comment(r Rule) string {
-	info, ok := r.Xt("match", "comment")
+	info, ok := r.Xt("match", "comment", 0)
 	if !ok || len(info) < 256 {
 		return ""
 	}
@@ -268,4 +271,23 @@ func markTest(r Rule, bit uint32) bool {
 	want, ok3 := value(cmp.Attrs.get(unix.NFTA_CMP_DATA))
 	return ok1 && ok2 && ok3 && u32Is(meta.Attrs.get(unix.NFTA_META_KEY), unix.NFT_META_MARK) &&
 		u32Is(cmp.Attrs.get(unix.NFTA_CMP_OP), unix.NFT_CMP_EQ) && mask == bit && xor == 0 && want == bit
+}
+
+// plainMasquerade recognises the info of a bare `-j MASQUERADE` (no --to-ports, --random):
+// IPv4's struct nf_nat_ipv4_multi_range_compat with rangesize 1 and an empty range, IPv6's
+// struct nf_nat_range all zero.
+func plainMasquerade(f hostport.Family, info []byte) bool {
+	rest := info
+	if f == hostport.V4 {
+		if len(info) < 4 || binary.NativeEndian.Uint32(info) != 1 {
+			return false
+		}
+		rest = info[4:]
+	}
+	for _, b := range rest {
+		if b != 0 {
+			return false
+		}
+	}
+	return len(info) > 0
 }
