@@ -27,9 +27,13 @@ func Usable(f hostport.Family, paths ...string) bool {
 	}
 	// thread-self: the namespace of the calling thread, which is where a netlink socket
 	// opened by it lives (tests run in a namespace on one locked thread).
-	names := "/proc/thread-self/net/ip_tables_names"
+	dir := "/proc/thread-self/net"
+	if _, err := os.Stat(dir); err != nil {
+		dir = "/proc/net" // kernels before 3.17; the plugin's threads share one namespace
+	}
+	names := dir + "/ip_tables_names"
 	if f == hostport.V6 {
-		names = "/proc/thread-self/net/ip6_tables_names"
+		names = dir + "/ip6_tables_names"
 	}
 	b, err := os.ReadFile(names)
 	if err == nil && slices.Contains(strings.Fields(string(b)), "nat") {
