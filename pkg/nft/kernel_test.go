@@ -327,3 +327,38 @@ func TestKernelSharedLayout(t *testing.T) {
 		t.Fatal("an entry jump with another condition is shown as the layout's")
 	}
 }
+
+// TestKernelUsableGating: netlink stands in for iptables only where every nat rule
+// iptables shows is an nf_tables rule.
+func TestKernelUsableGating(t *testing.T) {
+	n := newNode(t, "")
+	nftPath, _ := exec.LookPath("iptables")
+	legacy, err := exec.LookPath("iptables-legacy")
+	if err != nil {
+		t.Skip("iptables-legacy not installed")
+	}
+	usable := func(paths ...string) (ok bool) {
+		n.do(func() { ok = Usable(hostport.V4, paths...) })
+		return ok
+	}
+	if !usable(nftPath) {
+		t.Fatal("not usable with iptables-nft and no legacy table")
+	}
+	if usable(nftPath, legacy) {
+		t.Fatal("usable although one of the binaries is iptables-legacy")
+	}
+	n.run("", "iptables-legacy", "-t", "nat", "-S") // instantiates the legacy nat table here
+	if usable(nftPath) {
+		t.Fatal("usable although the namespace has a legacy nat table")
+	}
+	var other bool
+	other = Usable(hostport.V4, nftPath) // this thread: the test's own namespace, untouched
+	if !other && !hasLegacyNat() {
+		t.Fatal("the legacy table of another namespace made this one unusable")
+	}
+}
+
+func hasLegacyNat() bool {
+	b, _ := os.ReadFile("/proc/thread-self/net/ip_tables_names")
+	return strings.Contains(string(b), "nat")
+}
