@@ -283,6 +283,16 @@ func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 	return addPlan{d: d, s: s, res: res}, err
 }
 
+// sharedStillShown checks the shared layout again after a payload planned on SharedShown.
+func (e *Engine) sharedStillShown(d plan.Desired) bool {
+	c := e.conn(d.Family)
+	if c == nil {
+		return true
+	}
+	ok, err := c.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
+	return ok || err != nil
+}
+
 // applyAdd applies a plan; if iptables-restore refuses it (a failed assertion, or another
 // writer changed the table), it reads the shared chains too, plans again and retries: once
 // under the exclusive lock, a few times beside parallel ADDs of other ports.
@@ -291,12 +301,13 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 	if parallel {
 		attempts = 5
 	}
+	var done []plan.Takeover
 	for attempt := 1; ; attempt++ {
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
-			return nil, rejectError(p.d, p.res.Conflicts)
+			return done, rejectError(p.d, p.res.Conflicts)
 		}
 		if parallel && p.res.SharedChanges {
-			return nil, errNeedExclusive
+			return done, errNeedExclusive
 		}
 		err := Apply(e.Runner, p.d.Family, p.res.Tx)
 		if err == nil {
@@ -305,17 +316,23 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 					e.OnTakeover(t)
 				}
 			}
-			return p.res.Takeovers, nil
+			done = append(done, p.res.Takeovers...)
+			if !p.s.SharedShown || e.sharedStillShown(p.d) || attempt == attempts {
+				return done, nil
+			}
+			// The shared layout was shown before the payload, in another transaction, and
+			// a writer outside portguard's lock removed part of it in between: plan again
+			// from a full read, which restores it (under the exclusive lock).
 		}
 		var re *iptables.RestoreError
-		if attempt == attempts || !errors.As(err, &re) {
-			return nil, fmt.Errorf("%s: %w", p.d.Family, err)
+		if err != nil && (attempt == attempts || !errors.As(err, &re)) {
+			return done, fmt.Errorf("%s: %w", p.d.Family, err)
 		}
 		if p.s, err = state.Observe(e.Runner, p.d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {
-			return nil, err
+			return done, err
 		}
 		if p.res, err = planWith(e.Runner, p.s, func(s *state.State) plan.Result { return plan.Add(s, p.d, policy) }); err != nil {
-			return nil, err
+			return done, err
 		}
 	}
 }
