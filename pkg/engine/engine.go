@@ -57,8 +57,9 @@ func (e *Engine) conn(f hostport.Family) *nft.Conn {
 	return e.nl
 }
 
-// closeNetlink closes the socket. Call it after releasing the lock: after a commit that
-// deleted rules the kernel holds the close for an RCU grace period.
+// closeNetlink closes the socket. Call it before releasing the lock: after a commit that
+// deleted rules the kernel holds the close for an RCU grace period, and a call must not
+// look finished (its lock free) while it is still at work in nf_tables.
 func (e *Engine) closeNetlink() {
 	if e.nl != nil {
 		e.nl.Close()
@@ -187,7 +188,6 @@ func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover,
 	if len(ds) == 0 {
 		return nil, nil
 	}
-	defer e.closeNetlink()
 	t, err := e.add(ds, c.Policy, true)
 	if errors.Is(err, errNeedExclusive) {
 		t, err = e.add(ds, c.Policy, false)
@@ -208,6 +208,7 @@ func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Ta
 		return nil, err
 	}
 	defer l.Release()
+	defer e.closeNetlink() // before the lock goes
 	if parallel {
 		if err := l.Ports(portKeys(ds), e.LockTimeout); err != nil {
 			return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
@@ -396,6 +397,7 @@ func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 			usable++
 		}
 	}
+	e.closeNetlink()
 	l.Release()
 	if len(slow) > 0 {
 		if l, err = e.lock(); err != nil {

@@ -55,6 +55,10 @@ func (e *Exec) Path(f hostport.Family, tool string) (string, error) {
 	return exec.LookPath(binary(f, tool))
 }
 
+// inheritFD is the descriptor number the first inherited file gets in a child (it matches
+// pkg/lock.HighFD, which this package does not import).
+const inheritFD = 100
+
 // ErrUnavailable marks a family whose iptables binary is missing or cannot use its table.
 var ErrUnavailable = errors.New("iptables unavailable")
 
@@ -67,7 +71,11 @@ func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string)
 	if len(e.Prefix) > 0 {
 		cmd = exec.Command(e.Prefix[0], append(append(e.Prefix[1:len(e.Prefix):len(e.Prefix)], path), args...)...)
 	}
-	cmd.ExtraFiles = e.Inherit
+	if len(e.Inherit) > 0 {
+		// Entry i becomes descriptor 3+i; the lock goes high (lock.HighFD) so that an exiting
+		// child closes its nf_tables socket before it lets go of the lock.
+		cmd.ExtraFiles = append(make([]*os.File, inheritFD-3), e.Inherit...)
+	}
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if stdin != "" {

@@ -60,6 +60,7 @@ func Acquire(path string, mode Mode, timeout time.Duration) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
+	f = highFD(f)
 	deadline := time.Now().Add(timeout)
 	fail := func(err error) (*Lock, error) {
 		f.Close()
@@ -88,6 +89,24 @@ func Acquire(path string, mode Mode, timeout time.Duration) (*Lock, error) {
 	}
 	ofdLock(f, 0, unix.F_UNLCK)
 	return &Lock{f: f, path: path}, nil
+}
+
+// HighFD is the lowest descriptor number the lock file gets, in the plugin and in the
+// iptables children that inherit it. A killed process closes its descriptors in ascending
+// order, and closing an nf_tables netlink socket can block for an RCU grace period after a
+// transaction that deleted rules; with the lock above every such socket, a dying process
+// lets go of the lock only once it is done with nf_tables.
+const HighFD = 100
+
+// highFD moves f to a descriptor number of at least HighFD (keeping f if that fails).
+func highFD(f *os.File) *os.File {
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, HighFD)
+	if err != nil {
+		return f
+	}
+	g := os.NewFile(uintptr(fd), f.Name())
+	f.Close()
+	return g
 }
 
 // errBusy: somebody else holds what we asked for; poll tries again.
