@@ -282,10 +282,11 @@ func TestCrash(t *testing.T) {
 			waitGroupGone(r.Pgid, 20*time.Second)
 		}
 		if r.Killed && groupAlive(r.Pgid) {
+			members := groupMembers(r.Pgid)
 			lk.Close()
 			waitGroupGone(r.Pgid, 20*time.Second)
-			fail(step, desc+": a process started by the killed call was still running when the portguard lock was free "+
-				"(an orphaned iptables-restore can land after the next call has read the table)", nil, nil)
+			fail(step, fmt.Sprintf("%s: processes started by the killed call %v were still running when the portguard lock was free "+
+				"(an orphaned iptables-restore can land after the next call has read the table)", desc, members), nil, nil)
 		}
 		obs := map[hostport.Family]*observation{}
 		for _, f := range hostport.Families {

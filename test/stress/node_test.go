@@ -679,7 +679,10 @@ func groupAlive(pgid int) bool {
 	return len(groupMembers(pgid)) > 0
 }
 
-// groupMembers lists the live (non-zombie) processes of a group as "pid comm state".
+// groupMembers lists the live processes of a group as "pid comm state". Zombies and
+// processes already in exit (PF_EXITING) do not count: an exiting process runs no more
+// system calls, so it cannot change the table, and it lets go of the portguard lock while
+// closing its files, a moment before it turns into a zombie.
 func groupMembers(pgid int) []string {
 	var out []string
 	entries, _ := os.ReadDir("/proc")
@@ -698,7 +701,10 @@ func groupMembers(pgid int) []string {
 			continue
 		}
 		f := strings.Fields(s[i+1:])
-		if len(f) < 3 || f[0] == "Z" || f[0] == "X" {
+		if len(f) < 7 || f[0] == "Z" || f[0] == "X" {
+			continue
+		}
+		if flags, _ := strconv.ParseUint(f[6], 10, 64); flags&pfExiting != 0 {
 			continue
 		}
 		if g, _ := strconv.Atoi(f[2]); g == pgid && pid > 0 {
@@ -708,3 +714,6 @@ func groupMembers(pgid int) []string {
 	}
 	return out
 }
+
+// pfExiting is the kernel's PF_EXITING task flag (field 9 of /proc/PID/stat).
+const pfExiting = 0x4
