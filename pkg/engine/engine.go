@@ -263,8 +263,9 @@ type addPlan struct {
 }
 
 // planAdd is the hot path's read: CNI-HOSTPORT-DNAT only (plus the chains of claims that
-// may conflict); the shared chains are asserted with -C rather than read. A node without
-// CNI-HOSTPORT-DNAT is new, and then the shared chains are read so they can be created.
+// may conflict); the shared chains are not read but shown over netlink (nft) or asserted
+// with -C in the payload. A node without CNI-HOSTPORT-DNAT is new, and then the shared
+// chains are read so they can be created.
 func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 	r := e.reader(d.Family)
 	s, err := state.Observe(r, d.Family, state.DNATChain)
@@ -275,10 +276,10 @@ func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 		if err := s.Read(r, state.SharedChains...); err != nil {
 			return addPlan{}, err
 		}
-	} else if c := e.conn(d.Family); c != nil {
+	} else if nl := e.conn(d.Family); nl != nil {
 		// Shown intact, the shared rules need no -C in the payload; those assertions would
 		// make iptables-restore fetch all of CNI-HOSTPORT-DNAT again.
-		s.SharedShown, _ = c.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
+		s.SharedShown, _ = nl.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
 	}
 	res, err := planWith(r, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
 	return addPlan{d: d, s: s, res: res}, err
@@ -373,8 +374,8 @@ func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 			continue // prevResult is the ADD's result: ADD wrote nothing in this family
 		}
 		tried++
-		if c := e.conn(f); c != nil {
-			if done, _ := c.RemoveAttachment(f, hostport.ChainName(owner)); done {
+		if nl := e.conn(f); nl != nil {
+			if done, _ := nl.RemoveAttachment(f, hostport.ChainName(owner)); done {
 				usable++
 				continue
 			}
