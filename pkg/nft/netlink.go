@@ -159,6 +159,9 @@ func (c *Conn) recv() ([]reply, error) {
 			}
 		}
 		out = append(out, r)
+		if align(l) >= len(b) {
+			break // the last message may lack its padding
+		}
 		b = b[align(l):]
 	}
 	return out, nil
