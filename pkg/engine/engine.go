@@ -276,23 +276,23 @@ func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 		if err := s.Read(r, state.SharedChains...); err != nil {
 			return addPlan{}, err
 		}
-	} else if nl := e.conn(d.Family); nl != nil {
+	} else {
 		// Shown intact, the shared rules need no -C in the payload; those assertions would
 		// make iptables-restore fetch all of CNI-HOSTPORT-DNAT again.
-		s.SharedShown, _ = nl.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
+		s.SharedShown, _ = e.sharedShown(d)
 	}
 	res, err := planWith(r, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
 	return addPlan{d: d, s: s, res: res}, err
 }
 
-// sharedStillShown checks the shared layout again after a payload planned on SharedShown.
-func (e *Engine) sharedStillShown(d plan.Desired) bool {
-	c := e.conn(d.Family)
-	if c == nil {
-		return true
+// sharedShown asks the kernel over netlink whether d's shared layout is in place; false
+// with a nil error when netlink is not usable for d's family.
+func (e *Engine) sharedShown(d plan.Desired) (bool, error) {
+	nl := e.conn(d.Family)
+	if nl == nil {
+		return false, nil
 	}
-	ok, err := c.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
-	return ok || err != nil
+	return nl.SharedLayout(d.Family, d.SNAT && !d.ExternalMark, d.MarkBit)
 }
 
 // applyAdd applies a plan; if iptables-restore refuses it (a failed assertion, or another
@@ -319,7 +319,10 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 				}
 			}
 			done = append(done, p.res.Takeovers...)
-			if !p.s.SharedShown || e.sharedStillShown(p.d) || attempt == attempts {
+			if !p.s.SharedShown || attempt == attempts {
+				return done, nil
+			}
+			if still, err := e.sharedShown(p.d); still || err != nil {
 				return done, nil
 			}
 			// The shared layout was shown before the payload, in another transaction, and

@@ -1,8 +1,11 @@
 package iptables
 
 import (
+	"os"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestSplitArgsReadsWhatIptablesPrints(t *testing.T) {
@@ -134,5 +137,30 @@ COMMIT
 	}
 	if err := tab.Parse("garbage line"); err == nil {
 		t.Fatal("garbage accepted")
+	}
+}
+
+// TestChildrenInheritAtTheSameDescriptor: an inherited file keeps its descriptor number in
+// the child (the lock sits high so a dying child releases it last).
+func TestChildrenInheritAtTheSameDescriptor(t *testing.T) {
+	f, err := os.CreateTemp(t.TempDir(), "lock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 120)
+	if err != nil {
+		t.Fatal(err)
+	}
+	high := os.NewFile(uintptr(fd), "high")
+	defer high.Close()
+	got := sameDescriptors([]*os.File{high})
+	if len(got) != fd-3+1 || got[fd-3] != high {
+		t.Fatalf("file at descriptor %d lands at ExtraFiles index %d of %d, want %d", fd, len(got)-1, len(got), fd-3)
+	}
+	for i, g := range got[:fd-3] {
+		if g != nil {
+			t.Fatalf("ExtraFiles[%d] = %v, want a closed gap", i, g)
+		}
 	}
 }

@@ -55,9 +55,23 @@ func (e *Exec) Path(f hostport.Family, tool string) (string, error) {
 	return exec.LookPath(binary(f, tool))
 }
 
-// inheritFD is the descriptor number the first inherited file gets in a child (it matches
-// pkg/lock.HighFD, which this package does not import).
-const inheritFD = 100
+// sameDescriptors arranges for a child to get each file at the descriptor number it has
+// here (ExtraFiles entry i becomes descriptor 3+i; the gaps stay closed). The lock sits
+// high (pkg/lock.HighFD) so that an exiting child closes its nf_tables socket before it
+// lets go of the lock.
+func sameDescriptors(files []*os.File) []*os.File {
+	var out []*os.File
+	for _, f := range files {
+		i := int(f.Fd()) - 3
+		if i < len(out) || i < 0 {
+			out = append(out, f) // taken or a standard descriptor: next free number
+			continue
+		}
+		out = append(out, make([]*os.File, i-len(out))...)
+		out = append(out, f)
+	}
+	return out
+}
 
 // ErrUnavailable marks a family whose iptables binary is missing or cannot use its table.
 var ErrUnavailable = errors.New("iptables unavailable")
@@ -71,11 +85,7 @@ func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string)
 	if len(e.Prefix) > 0 {
 		cmd = exec.Command(e.Prefix[0], append(append(e.Prefix[1:len(e.Prefix):len(e.Prefix)], path), args...)...)
 	}
-	if len(e.Inherit) > 0 {
-		// Entry i becomes descriptor 3+i; the lock goes high (lock.HighFD) so that an exiting
-		// child closes its nf_tables socket before it lets go of the lock.
-		cmd.ExtraFiles = append(make([]*os.File, inheritFD-3), e.Inherit...)
-	}
+	cmd.ExtraFiles = sameDescriptors(e.Inherit)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	if stdin != "" {

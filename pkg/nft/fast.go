@@ -7,10 +7,8 @@ import (
 	"strings"
 
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/state"
 )
-
-// DNATChain is where every attachment's jump lives (upstream's layout).
-const DNATChain = "CNI-HOSTPORT-DNAT"
 
 // Usable reports whether family f's nat rules can be read and deleted here, in this
 // network namespace, in place of running the iptables binaries at paths (iptables and
@@ -81,10 +79,10 @@ func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err
 	}
 	guess++
 	jump := uint64(0)
-	if r, ok, err := c.Rule(f, DNATChain, guess); err == nil && ok && r.Jump() == chain {
+	if r, ok, err := c.Rule(f, state.DNATChain, guess); err == nil && ok && r.Jump() == chain {
 		jump = r.Handle
 	} else {
-		all, ok, err := c.Rules(f, DNATChain)
+		all, ok, err := c.Rules(f, state.DNATChain)
 		if err != nil || !ok {
 			return false, err
 		}
@@ -100,7 +98,7 @@ func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err
 			return false, nil // the reference is outside CNI-HOSTPORT-DNAT
 		}
 	}
-	if err := c.Commit(DeleteRule(f, DNATChain, jump), DeleteChain(f, chain)); err != nil {
+	if err := c.Commit(DeleteRule(f, state.DNATChain, jump), DeleteChain(f, chain)); err != nil {
 		return false, err
 	}
 	return true, nil

@@ -10,6 +10,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/state"
 )
 
 // Reader reads CNI-HOSTPORT-DNAT over netlink into the table as the rules
@@ -24,7 +25,7 @@ type Reader struct {
 }
 
 func (r *Reader) List(f hostport.Family, chain string, t *iptables.Table) error {
-	if chain == DNATChain {
+	if chain == state.DNATChain {
 		if rules, exists, ok := r.Conn.jumps(f, chain); ok {
 			if !exists {
 				t.Missing[chain] = true
@@ -163,14 +164,6 @@ func printable(s string) bool {
 	return true
 }
 
-// Shared-layout names, as upstream portmap writes them (pkg/state holds the rules).
-const (
-	setMarkChain    = "CNI-HOSTPORT-SETMARK"
-	masqChain       = "CNI-HOSTPORT-MASQ"
-	setMarkComment  = "CNI portfwd masquerade mark"
-	masqJumpComment = "CNI portfwd requiring masquerade"
-)
-
 // SharedLayout reports whether table nat holds, exactly as iptables-nft writes them, the
 // entry jumps `-m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT` in PREROUTING and
 // OUTPUT and, with masq, POSTROUTING's jump to CNI-HOSTPORT-MASQ, SETMARK's
@@ -190,7 +183,7 @@ func (c *Conn) SharedLayout(f hostport.Family, masq bool, markBit int) (bool, er
 	entry := func(r Rule) bool {
 		info, ok := r.Xt("match", "addrtype", 1)
 		// struct xt_addrtype_info_v1 {u16 source, dest; u32 flags}: dest LOCAL (1 << RTN_LOCAL).
-		return ok && r.Jump() == DNATChain && shape(r, "match", "immediate") && len(info) >= 8 &&
+		return ok && r.Jump() == state.DNATChain && shape(r, "match", "immediate") && len(info) >= 8 &&
 			binary.NativeEndian.Uint16(info[0:]) == 0 && binary.NativeEndian.Uint16(info[2:]) == 1<<unix.RTN_LOCAL &&
 			binary.NativeEndian.Uint32(info[4:]) == 0
 	}
@@ -203,14 +196,14 @@ func (c *Conn) SharedLayout(f hostport.Family, masq bool, markBit int) (bool, er
 		bit := uint32(1) << uint(markBit)
 		checks = append(checks,
 			check{"POSTROUTING", func(r Rule) bool {
-				return r.Jump() == masqChain && shape(r, "match", "immediate") && comment(r) == masqJumpComment
+				return r.Jump() == state.MasqChain && shape(r, "match", "immediate") && comment(r) == state.MasqJumpComment
 			}},
-			check{setMarkChain, func(r Rule) bool {
+			check{state.SetMarkChain, func(r Rule) bool {
 				info, ok := r.Xt("target", "MARK", 2) // struct xt_mark_tginfo2 {u32 mark, mask}
-				return ok && shape(r, "match", "target") && comment(r) == setMarkComment && len(info) >= 8 &&
+				return ok && shape(r, "match", "target") && comment(r) == state.SetMarkComment && len(info) >= 8 &&
 					binary.NativeEndian.Uint32(info[0:]) == bit && binary.NativeEndian.Uint32(info[4:]) == bit
 			}},
-			check{masqChain, func(r Rule) bool {
+			check{state.MasqChain, func(r Rule) bool {
 				info, ok := r.Xt("target", "MASQUERADE", 0)
 				return ok && plainMasquerade(f, info) && shape(r, "meta", "bitwise", "cmp", "target") && markTest(r, bit)
 			}})
