@@ -112,7 +112,7 @@ func decodeRule(f hostport.Family, r Rule) (ri ruleInfo, ok bool) {
 				return ri, false
 			}
 		case "target":
-			if i != last || cstr(x.Attrs.get(unix.NFTA_TARGET_NAME)) != "DNAT" || !u32Is(x.Attrs.get(unix.NFTA_TARGET_REV), 2) {
+			if i != last || !bytes.Equal(x.Attrs.get(unix.NFTA_TARGET_NAME), []byte("DNAT\x00")) || !u32Is(x.Attrs.get(unix.NFTA_TARGET_REV), 2) {
 				return ri, false
 			}
 			ri.dnat = x.Attrs.get(unix.NFTA_TARGET_INFO)
@@ -265,9 +265,14 @@ func allZero(b []byte, l int) bool {
 func (ri *ruleInfo) xtMatch(x Expr) (matchInfo, bool) {
 	info := x.Attrs.get(unix.NFTA_MATCH_INFO)
 	rev := x.Attrs.get(unix.NFTA_MATCH_REV)
-	switch cstr(x.Attrs.get(unix.NFTA_MATCH_NAME)) {
+	name := x.Attrs.get(unix.NFTA_MATCH_NAME)
+	if i := bytes.IndexByte(name, 0); i >= 0 {
+		name = name[:i]
+	}
+	switch string(name) {
 	case "comment":
-		if u32Is(rev, 0) && len(info) >= 256 && printable(cstr(info[:256])) {
+		// Whether the text is printable is left to args: most comments are never rendered.
+		if u32Is(rev, 0) && len(info) >= 256 {
 			return matchInfo{kind: matchComment, info: info[:256]}, true
 		}
 	case "multiport":
@@ -361,8 +366,10 @@ func (ri *ruleInfo) touches(own string, claims []hostport.Claim) bool {
 	return false
 }
 
-// args renders the rule as `iptables -S` prints it (the arguments after "-A CHAIN").
-func (ri *ruleInfo) args(f hostport.Family) []string {
+// args renders the rule as `iptables -S` prints it (the arguments after "-A CHAIN");
+// ok is false when a comment is not printable text, which must never reach the
+// line-based parser (a newline would end the rule).
+func (ri *ruleInfo) args(f hostport.Family) (_ []string, ok bool) {
 	out := make([]string, 0, 12)
 	for _, c := range []struct {
 		flag string
@@ -384,16 +391,20 @@ func (ri *ruleInfo) args(f hostport.Family) []string {
 		case matchPort:
 			out = append(out, "-m", protoNames[ri.proto], "--dport", strconv.Itoa(int(m.port)))
 		case matchComment:
-			out = append(out, "-m", "comment", "--comment", cstr(m.info))
+			c := cstr(m.info)
+			if !printable(c) {
+				return nil, false
+			}
+			out = append(out, "-m", "comment", "--comment", c)
 		case matchMultiport:
 			out = append(out, "-m", "multiport", "--dports", multiportList(m.info))
 		}
 	}
 	if ri.dnat != nil {
 		dest, _ := dnatDest(f, ri.dnat)
-		return append(out, "-j", "DNAT", "--to-destination", dest.String())
+		return append(out, "-j", "DNAT", "--to-destination", dest.String()), true
 	}
-	return append(out, "-j", string(ri.jump))
+	return append(out, "-j", string(ri.jump)), true
 }
 
 func prefix(f hostport.Family, c *addrCond) netip.Prefix {
@@ -410,7 +421,7 @@ func ruleArgs(f hostport.Family, r Rule) ([]string, bool) {
 	if !ok {
 		return nil, false
 	}
-	return ri.args(f), true
+	return ri.args(f)
 }
 
 // ReadChain reads a chain of table nat as `iptables -t nat -S CHAIN` shows its rules;

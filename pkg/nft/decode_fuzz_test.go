@@ -113,7 +113,10 @@ func FuzzDecodeRule(f *testing.F) {
 				continue
 			}
 			ri.touches("CNI-DN-x", []hostport.Claim{{Family: fam, Proto: "tcp", HostPort: 80}, {Family: fam, Proto: "sctp", HostPort: 0}})
-			args := ri.args(fam)
+			args, ok := ri.args(fam)
+			if !ok {
+				continue
+			}
 			for _, a := range args {
 				if err := iptables.CheckArg(a); err != nil {
 					t.Fatalf("%s: %v in %q", fam, err, args)

@@ -73,7 +73,12 @@ func (c *Conn) excerpt(f hostport.Family, chain, own string, claims []hostport.C
 			return
 		}
 		if ri.touches(own, claims) {
-			ex.Rules = append(ex.Rules, iptables.Rule{Chain: chain, Args: ri.args(f)})
+			args, known := ri.args(f)
+			if !known {
+				ok = false
+				return
+			}
+			ex.Rules = append(ex.Rules, iptables.Rule{Chain: chain, Args: args})
 			ex.Pos = append(ex.Pos, ex.Len)
 		}
 		ex.Len++

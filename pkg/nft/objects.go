@@ -128,7 +128,15 @@ func parseRuleInto(b []byte, r *Rule) error {
 	if err != nil {
 		return err
 	}
-	*r = Rule{Chain: cstr(a.get(unix.NFTA_RULE_CHAIN)), Userdata: a.get(unix.NFTA_RULE_USERDATA), Exprs: r.Exprs[:0]}
+	chain := a.get(unix.NFTA_RULE_CHAIN)
+	if i := bytes.IndexByte(chain, 0); i >= 0 {
+		chain = chain[:i]
+	}
+	name := r.Chain
+	if string(chain) != name {
+		name = string(chain) // a dump's rules share their chain's name: one allocation
+	}
+	*r = Rule{Chain: name, Userdata: a.get(unix.NFTA_RULE_USERDATA), Exprs: r.Exprs[:0]}
 	if v := a.get(unix.NFTA_RULE_HANDLE); len(v) == 8 {
 		r.Handle = binary.BigEndian.Uint64(v)
 	}
