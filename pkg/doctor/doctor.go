@@ -21,8 +21,8 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/portguard/portguard/pkg/hostport"
-	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
