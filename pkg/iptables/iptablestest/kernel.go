@@ -38,6 +38,7 @@ type Kernel struct {
 	tables map[hostport.Family]*nat
 	calls  []string
 	sent   map[hostport.Family][]string
+	errs   map[hostport.Family][]error
 	// Unusable families answer every call with iptables.ErrUnavailable, like a node
 	// without ip6tables.
 	Unusable map[hostport.Family]bool
@@ -84,7 +85,7 @@ func (n *nat) create(chain string) {
 // built-in chains are added when missing; a family not given starts with them only).
 // The text is taken as it is, without the checks a payload gets.
 func New(tables map[hostport.Family]string) (*Kernel, error) {
-	k := &Kernel{tables: map[hostport.Family]*nat{}, sent: map[hostport.Family][]string{}}
+	k := &Kernel{tables: map[hostport.Family]*nat{}, sent: map[hostport.Family][]string{}, errs: map[hostport.Family][]error{}}
 	for _, f := range hostport.Families {
 		n := &nat{rules: map[string][]iptables.Rule{}}
 		for _, b := range builtins {
@@ -117,7 +118,7 @@ func (k *Kernel) Calls() []string {
 func (k *Kernel) ResetCalls() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	k.calls, k.sent = nil, map[hostport.Family][]string{}
+	k.calls, k.sent, k.errs = nil, map[hostport.Family][]string{}, map[hostport.Family][]error{}
 }
 
 // Payloads lists the payloads given to Restore for family f, applied or refused.
@@ -125,6 +126,13 @@ func (k *Kernel) Payloads(f hostport.Family) []string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return slices.Clone(k.sent[f])
+}
+
+// Results lists what Restore returned for each of Payloads(f) (nil: applied).
+func (k *Kernel) Results(f hostport.Family) []error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return slices.Clone(k.errs[f])
 }
 
 func (k *Kernel) record(format string, a ...any) {
@@ -224,14 +232,20 @@ func (k *Kernel) Restore(f hostport.Family, payload string) error {
 	k.record("restore %s", f)
 	k.mu.Lock()
 	k.sent[f] = append(k.sent[f], payload)
+	i := len(k.sent[f]) - 1
+	k.errs[f] = append(k.errs[f], nil)
 	k.mu.Unlock()
-	if err := k.usable(f); err != nil {
-		return err
+	err := k.usable(f)
+	if err == nil {
+		if k.BeforeRestore != nil {
+			k.BeforeRestore(f, payload)
+		}
+		err = k.Apply(f, payload)
 	}
-	if k.BeforeRestore != nil {
-		k.BeforeRestore(f, payload)
-	}
-	return k.Apply(f, payload)
+	k.mu.Lock()
+	k.errs[f][i] = err
+	k.mu.Unlock()
+	return err
 }
 
 // Apply applies a payload as Restore does, without recording it or running BeforeRestore:
