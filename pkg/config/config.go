@@ -134,15 +134,15 @@ func truncate(s string) string {
 // mapping applies to a family, the address it would be forwarded to must be one a host
 // port can reach (see podAddrProblem); otherwise the error is a CNI error (code 7,
 // ErrInvalidNetworkConfig) naming prevResult.ips[i].
-func Parse(stdin []byte, ifName string) (*Config, error) { return parse(stdin, ifName, true) }
+func Parse(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, true) }
 
 // ParseDel reads stdin for DEL: as Parse, but the pod addresses Parse refuses are read as
 // they always were. DEL must remove whatever an ADD installed, also one by upstream
 // portmap or an earlier portguard that accepted such an address; refusing it would leave
 // those rules behind and fail the pod's teardown on every retry.
-func ParseDel(stdin []byte, ifName string) (*Config, error) { return parse(stdin, ifName, false) }
+func ParseDel(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, false) }
 
-func parse(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
+func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
 	raw := &NetConf{}
 	if err := json.Unmarshal(stdin, raw); err != nil {
 		return nil, decodeError(err)

@@ -13,13 +13,13 @@ import (
 const prev = `"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"host0"},{"name":"eth0","sandbox":"/var/run/netns/p"}],
  "ips":[{"address":"10.1.0.9/24","interface":0},{"address":"10.88.0.5/16","interface":1},{"address":"fd00::5/64","interface":1}]}`
 
-func parseBody(t *testing.T, body string) (*Config, error) {
+func parse(t *testing.T, body string) (*Config, error) {
 	t.Helper()
 	return Parse([]byte(`{"cniVersion":"1.0.0","name":"net1","type":"portguard",`+body+`}`), "eth0")
 }
 
 func TestDefaultsMatchUpstream(t *testing.T) {
-	c, err := parseBody(t, `"runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"TCP"}]},`+prev)
+	c, err := parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"TCP"}]},`+prev)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func TestBadInputNamesTheField(t *testing.T) {
 		`"logFile":"relative.log"`:                                 "logFile",
 	}
 	for body, field := range cases {
-		_, err := parseBody(t, body)
+		_, err := parse(t, body)
 		var ce *types.Error
 		if !errors.As(err, &ce) {
 			t.Errorf("%s: want a CNI error, got %v", body, err)
@@ -73,7 +73,7 @@ func TestBadInputNamesTheField(t *testing.T) {
 }
 
 func TestConditionsAcceptMatchesAndBoundTheirSize(t *testing.T) {
-	c, err := parseBody(t, `"conditionsV4":["!","-d","192.0.2.10/32","-m","addrtype","--dst-type","LOCAL","--destination","10.0.0.0/8"]`)
+	c, err := parse(t, `"conditionsV4":["!","-d","192.0.2.10/32","-m","addrtype","--dst-type","LOCAL","--destination","10.0.0.0/8"]`)
 	if err != nil || len(c.Conditions[hostport.V4]) != 9 {
 		t.Fatalf("ordinary match conditions refused: %v", err)
 	}
@@ -81,7 +81,7 @@ func TestConditionsAcceptMatchesAndBoundTheirSize(t *testing.T) {
 	for i := 0; i < 45; i++ {
 		many = append(many, `"-m","comment","--comment","`+strings.Repeat("x", 200)+`"`)
 	}
-	if _, err := parseBody(t, `"conditionsV4":[`+strings.Join(many, ",")+`]`); err == nil {
+	if _, err := parse(t, `"conditionsV4":[`+strings.Join(many, ",")+`]`); err == nil {
 		t.Fatal("conditions long enough to split an iptables-restore line were accepted")
 	}
 }
@@ -107,14 +107,14 @@ func TestHostileNamesAndIDs(t *testing.T) {
 }
 
 func TestDuplicateMappings(t *testing.T) {
-	c, err := parseBody(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"},{"hostPort":80,"containerPort":80,"protocol":"tcp"}]}`)
+	c, err := parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"},{"hostPort":80,"containerPort":80,"protocol":"tcp"}]}`)
 	if err != nil || len(c.Mappings) != 1 {
 		t.Fatalf("exact repeat: %v %+v", err, c)
 	}
-	if _, err := parseBody(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"},{"hostPort":80,"containerPort":81,"protocol":"tcp"}]}`); err == nil {
+	if _, err := parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp"},{"hostPort":80,"containerPort":81,"protocol":"tcp"}]}`); err == nil {
 		t.Fatal("one host port mapped to two container ports was accepted")
 	}
-	c, err = parseBody(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.1"},{"hostPort":80,"containerPort":81,"protocol":"tcp","hostIP":"192.0.2.2"}]}`)
+	c, err = parse(t, `"runtimeConfig":{"portMappings":[{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"192.0.2.1"},{"hostPort":80,"containerPort":81,"protocol":"tcp","hostIP":"192.0.2.2"}]}`)
 	if err != nil || len(c.Mappings) != 2 {
 		t.Fatalf("same port on two host IPs: %v", err)
 	}
@@ -122,12 +122,12 @@ func TestDuplicateMappings(t *testing.T) {
 
 func TestExplicitEmptyMappingsDifferFromAbsent(t *testing.T) {
 	for _, body := range []string{`"runtimeConfig":{"portMappings":[]}`, `"runtimeConfig":{"portMappings":null}`} {
-		if c, _ := parseBody(t, body); !c.Raw.PortMappingsSent {
+		if c, _ := parse(t, body); !c.Raw.PortMappingsSent {
 			t.Fatalf("%s read as absent", body)
 		}
 	}
 	for _, body := range []string{`"snat":false`, `"runtimeConfig":{"bandwidth":{}}`} {
-		if c, _ := parseBody(t, body); c.Raw.PortMappingsSent {
+		if c, _ := parse(t, body); c.Raw.PortMappingsSent {
 			t.Fatalf("%s read as present", body)
 		}
 	}
