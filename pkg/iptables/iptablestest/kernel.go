@@ -106,6 +106,15 @@ func New(tables map[hostport.Family]string) (*Kernel, error) {
 	return k, nil
 }
 
+// MustNew is New for fixed test fixtures: it panics when a table does not parse.
+func MustNew(tables map[hostport.Family]string) *Kernel {
+	k, err := New(tables)
+	if err != nil {
+		panic(err)
+	}
+	return k
+}
+
 // Calls lists the runner calls made so far ("list ipv4 CHAIN", "save ipv4", "restore
 // ipv4", "probe ipv4"), in order; Apply is not a call.
 func (k *Kernel) Calls() []string {
