@@ -64,6 +64,7 @@ type Judge struct {
 	nsPIDs  map[nsID]int // namespace -> one process in it; nil until first needed
 	procErr error
 	verdict map[verdictKey]Evidence
+	holders map[netip.Addr][]hostport.Owner // nil until Holders is first called
 }
 
 type nsID struct{ dev, ino uint64 }
@@ -292,4 +293,33 @@ func holds(path, ifName string, dest netip.Addr, addrs []netip.Addr) (string, er
 		}
 	}
 	return "", nil
+}
+
+// Holders returns the owners whose records (portguard's, then each libcni cache's) list
+// addr among their addresses, each once: who may hold the address now. Audit uses it to
+// find a claim forwarding to an address that another attachment took over.
+func (j *Judge) Holders(addr netip.Addr) []hostport.Owner {
+	addr = addr.Unmap()
+	if j.holders == nil {
+		j.holders = map[netip.Addr][]hostport.Owner{}
+		seen := map[verdictKey]bool{}
+		add := func(o hostport.Owner, addrs []netip.Addr) {
+			for _, a := range addrs {
+				k := verdictKey{o, a.Unmap()}
+				if !seen[k] {
+					seen[k] = true
+					j.holders[k.dest] = append(j.holders[k.dest], o)
+				}
+			}
+		}
+		for _, r := range j.Records.All() {
+			add(r.Owner, r.Addrs)
+		}
+		for _, d := range j.CacheDirs {
+			for _, e := range cnicache.Entries(d, "") {
+				add(e.Owner, e.Addrs)
+			}
+		}
+	}
+	return j.holders[addr]
 }

@@ -331,6 +331,19 @@ func (b *Bed) Exec(ns string, args ...string) (string, error) {
 	return out, err
 }
 
+// Ctl runs portguardctl with args inside the node namespace, with the bed's environment
+// (its lock file, portguard's records, the libcni cache). A non-zero exit is an error; the
+// Result holds the output either way.
+func (b *Bed) Ctl(args ...string) (*Result, error) {
+	b.T.Helper()
+	bin, err := ctlBinary()
+	if err != nil {
+		b.T.Fatal(err)
+	}
+	stdout, stderr, err := runOut(append(os.Environ(), b.Env...), nil, append([]string{"ip", "netns", "exec", b.Node, bin}, args...)...)
+	return &Result{Stdout: stdout, Stderr: stderr}, err
+}
+
 // MustExec is Exec that fails the test on error.
 func (b *Bed) MustExec(ns string, args ...string) string {
 	b.T.Helper()

@@ -246,3 +246,93 @@ func TestLiveContendersRace(t *testing.T) {
 		}
 	}
 }
+
+// A pod dies without DEL, its address is given to a new pod: the dead pod's host port now
+// reaches the new, unrelated pod. audit shows the claim's owner as stale and reports the
+// address reuse naming the new holder.
+func TestAuditReportsAddressReuse(t *testing.T) {
+	b := newBed(t)
+	n, _ := pgNet(b, tb.NetConfig{IPv4Only: true}, nil)
+	a := b.NewPod("A")
+	a.Serve(80)
+	n.MustAdd(a, tb.TCP(9044, 80))
+	a.Kill()
+	// host-local forgets A's address (as after an IPAM reset) and hands it to B.
+	if err := os.Remove(filepath.Join(b.IPAMDir, n.Name, a.IP4.String())); err != nil {
+		t.Fatalf("release A's address: %v", err)
+	}
+	p := b.NewPod("B")
+	p.Serve(80)
+	ones, _ := n.Subnet4.Mask.Size()
+	if _, err := n.Call("add", p, tb.CallOptions{IPs: []string{fmt.Sprintf("%s/%d", a.IP4, ones)}}); err != nil {
+		t.Fatal(err)
+	}
+	wantAnswer(t, b, "tcp", b.NodeIP4, 9044, "B") // the harm: A's stale port reaches B
+
+	res, err := b.Ctl("audit", "--family", "4", "-o", "json")
+	if err == nil {
+		t.Fatalf("audit exited 0 with a reused address:\n%s", res.Stdout)
+	}
+	var rep struct {
+		Families []struct {
+			Ports []struct {
+				Claims []struct {
+					ContainerID string `json:"containerID"`
+					OwnerState  string `json:"ownerState"`
+				} `json:"claims"`
+			} `json:"ports"`
+			Problems []struct {
+				Kind, ContainerID, Message string
+			} `json:"problems"`
+		} `json:"families"`
+	}
+	if err := json.Unmarshal([]byte(res.Stdout), &rep); err != nil || len(rep.Families) != 1 {
+		t.Fatalf("audit -o json: %v\n%s", err, res.Stdout)
+	}
+	fa := rep.Families[0]
+	if len(fa.Ports) != 1 || len(fa.Ports[0].Claims) != 1 || fa.Ports[0].Claims[0].OwnerState != "stale" {
+		t.Errorf("claims: %+v, want A's claim with owner state stale", fa.Ports)
+	}
+	found := false
+	for _, pr := range fa.Problems {
+		if pr.Kind == "address-reused" && pr.ContainerID == a.ContainerID && strings.Contains(pr.Message, p.ContainerID) {
+			found = true
+		}
+	}
+	if !found {
+		t.Errorf("no address-reused problem for A naming B: %+v", fa.Problems)
+	}
+	table, _ := b.Ctl("audit", "--family", "4")
+	if !strings.Contains(table.Stdout, "address-reused") || !strings.Contains(table.Stdout, "stale") {
+		t.Errorf("audit table lacks the owner state or the problem:\n%s", table.Stdout)
+	}
+}
+
+// repair never removes a live owner's claim: two live pods on one port (upstream portmap
+// let the second in behind the first) are left alone and reported; once the second is
+// dead, repair keeps the first although upstream's rule (keep the last jump) would not.
+func TestRepairKeepsLiveOwners(t *testing.T) {
+	b := newBed(t)
+	n := b.Network(tb.NetConfig{PortPlugin: "portmap", IPv4Only: true}) // upstream v1.10.0
+	a, p := servingPods(b)
+	n.MustAdd(a, tb.TCP(9044, 80))
+	n.MustAdd(p, tb.TCP(9044, 80))
+	before := normalizedNAT(t, b, tb.V4)
+
+	res, err := b.Ctl("repair", "--family", "4")
+	if err == nil || !strings.Contains(res.Stdout, "several live claimants") {
+		t.Errorf("repair with two live claimants: err %v, want exit 1 and a report:\n%s", err, res.Stdout)
+	}
+	if after := normalizedNAT(t, b, tb.V4); after != before {
+		t.Errorf("repair changed the table with two live claimants:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	wantAnswer(t, b, "tcp", b.NodeIP4, 9044, "A")
+
+	p.Kill()
+	res, err = b.Ctl("repair", "--family", "4")
+	if err != nil {
+		t.Fatalf("repair: %v\n%s%s", err, res.Stdout, res.Stderr)
+	}
+	wantOnlyJumps(t, b, tb.V4, map[string]int{a.Chain(n): 1})
+	wantAnswer(t, b, "tcp", b.NodeIP4, 9044, "A")
+}
