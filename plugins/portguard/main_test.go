@@ -284,3 +284,24 @@ func TestDelRemovesWhatAnOlderAddInstalledForARefusedAddress(t *testing.T) {
 		t.Fatalf("DEL left rules:\n%s", k.Dump(hostport.V4))
 	}
 }
+
+// GC removes the network's attachments missing from cni.dev/valid-attachments and keeps
+// the valid ones.
+func TestGC(t *testing.T) {
+	k := withFake(t)
+	for _, a := range []*skel.CmdArgs{cmdArgs("keep", netconf(tcp8080, "10.88.0.5/16")),
+		cmdArgs("gone", netconf(`{"hostPort":9090,"containerPort":90,"protocol":"tcp"}`, "10.88.0.6/16"))} {
+		if _, _, err := testutils.CmdAddWithArgs(a, func() error { return cmdAdd(a) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	args := cmdArgs("", []byte(`{"cniVersion":"1.1.0","name":"pnet","type":"portguard",
+		"cni.dev/valid-attachments":[{"containerID":"keep","ifname":"eth0"}]}`))
+	if err := cmdGC(args); err != nil {
+		t.Fatal(err)
+	}
+	if k.Has(hostport.V4, hostport.ChainName(hostport.Owner{Network: "pnet", ContainerID: "gone"})) ||
+		!k.Has(hostport.V4, hostport.ChainName(hostport.Owner{Network: "pnet", ContainerID: "keep"})) {
+		t.Fatalf("after GC:\n%s", k.Dump(hostport.V4))
+	}
+}
