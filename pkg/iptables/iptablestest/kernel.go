@@ -23,7 +23,8 @@ import (
 //   - -A, -I into a missing chain, or with a -j/-g target that is neither a chain nor a
 //     known target extension; -I past the end of the chain;
 //   - -D and -C of a rule the chain does not hold (rules are compared as state.Normalize
-//     compares them, the way iptables matches a rule spec);
+//     compares them: long and short flags, an implicit "-m tcp" and a bare address's /32
+//     match as they do for iptables; unlike iptables, the order of the options does not);
 //   - -N of a chain that exists; -F of a missing chain;
 //   - -X of a missing or built-in chain, of a chain that still holds rules, or of one some
 //     rule still jumps to.
