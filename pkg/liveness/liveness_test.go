@@ -132,3 +132,31 @@ func TestHolders(t *testing.T) {
 		t.Fatal("holders of an address nobody has")
 	}
 }
+
+// BenchmarkJudge is what one conflicting ADD adds to its cost: a new Judge (one scan of
+// the process table) judging one owner from portguard's record, entering its namespace to
+// read the interface's addresses. Run as root: go test -bench Judge ./pkg/liveness
+func BenchmarkJudge(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root to enter a network namespace")
+	}
+	dir := b.TempDir()
+	s := Store{Dir: dir}
+	if err := s.Put(Record{Owner: owner, Netns: "/proc/self/ns/net", IfName: "lo", Addrs: []netip.Addr{netip.MustParseAddr("127.0.0.1")}}); err != nil {
+		b.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		o    hostport.Owner
+		want State
+	}{{"alive", owner, Alive}, {"no-record", hostport.Owner{Network: "net", ContainerID: "gone"}, Stale}} {
+		b.Run(tc.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				j := &Judge{Records: s, CacheDirs: []string{dir}}
+				if ev := j.Owner(tc.o, netip.MustParseAddr("127.0.0.1")); ev.State != tc.want {
+					b.Fatalf("%+v", ev)
+				}
+			}
+		})
+	}
+}
