@@ -114,3 +114,75 @@ func TestCheckWithoutProcessOnNft(t *testing.T) {
 	n.MustDel(other)
 	expectClean(t, b)
 }
+
+// TestCheckConfigsWithoutProcessOnNft: for the configuration keys that shape the rules
+// (snat off, masqAll, externalSetMarkChain, markMasqBit, hostIP in either family, udp,
+// sctp, more than 15 ports, address conditions), CHECK right after ADD passes on
+// nf_tables without starting a process, and still fails once the attachment's DNAT rule
+// is gone from the family it serves.
+func TestCheckConfigsWithoutProcessOnNft(t *testing.T) {
+	t.Parallel()
+	b := tb.New(t)
+	if v, _ := b.Exec(b.Node, "iptables", "-V"); !strings.Contains(v, "nf_tables") {
+		t.Skip("iptables here is not the nf_tables backend: " + v)
+	}
+	for _, f := range families {
+		b.MustRestoreNAT(f, ":OPERATOR-MARK - [0:0]")
+	}
+	var many []tb.PortMapping
+	for i := 0; i < 17; i++ {
+		many = append(many, tb.TCP(9500+i, 80))
+	}
+	cases := []struct {
+		name     string
+		conf     map[string]any
+		mappings []tb.PortMapping
+		dnat     map[tb.Family]string // a piece of the DNAT rule to remove, per family it exists in
+	}{
+		{"snat off", map[string]any{"snat": false}, []tb.PortMapping{tb.TCP(9401, 80)}, nil},
+		{"masqAll", map[string]any{"masqAll": true}, []tb.PortMapping{tb.TCP(9402, 80)}, nil},
+		{"externalSetMarkChain", map[string]any{"externalSetMarkChain": "OPERATOR-MARK"}, []tb.PortMapping{tb.TCP(9403, 80)}, nil},
+		{"markMasqBit 14", map[string]any{"markMasqBit": 14}, []tb.PortMapping{tb.TCP(9404, 80)}, nil},
+		{"hostIP v4", nil, []tb.PortMapping{tb.TCP(9405, 80).On(b.NodeIP(tb.V4).String())}, map[tb.Family]string{tb.V4: "-d " + b.NodeIP(tb.V4).String()}},
+		{"hostIP v6", nil, []tb.PortMapping{tb.TCP(9406, 80).On(b.NodeIP(tb.V6).String())}, map[tb.Family]string{tb.V6: "-d " + b.NodeIP(tb.V6).String()}},
+		{"udp and sctp", nil, []tb.PortMapping{tb.UDP(9407, 80), {HostPort: 9408, ContainerPort: 80, Protocol: "sctp"}}, map[tb.Family]string{tb.V4: "--dport 9408", tb.V6: "--dport 9407"}},
+		{"17 ports", nil, many, map[tb.Family]string{tb.V4: "--dport 9516", tb.V6: "--dport 9500"}},
+		{"conditions", map[string]any{"conditionsV4": []string{"-d", b.NodeIP(tb.V4).String() + "/32", "!", "--source", "10.0.0.0/8"},
+			"conditionsV6": []string{"-d", b.NodeIP(tb.V6).String()}}, []tb.PortMapping{tb.TCP(9409, 80)}, nil},
+	}
+	for i, c := range cases {
+		n := b.Network(tb.NetConfig{PortPlugin: "portguard", PortConf: c.conf, Bridge: fmt.Sprintf("pgcheck%d", i)})
+		p := b.NewPod("")
+		n.MustAdd(p, c.mappings...)
+		b.ResetShim()
+		if err := n.Check(p); err != nil {
+			t.Errorf("%s: CHECK right after ADD: %v", c.name, err)
+		}
+		if calls := b.ShimCalls(); len(calls) != 0 {
+			t.Errorf("%s: CHECK started %d iptables processes, want none:\n%s", c.name, len(calls), strings.Join(calls, "\n"))
+		}
+		dnat := c.dnat
+		if dnat == nil {
+			dnat = map[tb.Family]string{tb.V4: "--dport", tb.V6: "--dport"}
+		}
+		for f, piece := range dnat {
+			var gone string
+			for _, r := range b.NAT(f).Rules[p.Chain(n)] {
+				if strings.Contains(r, "-j DNAT") && strings.Contains(r, piece) {
+					gone = r
+					break
+				}
+			}
+			if gone == "" {
+				t.Fatalf("%s: %s: no DNAT rule with %q in %v", c.name, f, piece, b.NAT(f).Rules[p.Chain(n)])
+			}
+			b.MustRestoreNAT(f, "-D"+strings.TrimPrefix(gone, "-A"))
+			if err := n.Check(p); err == nil {
+				t.Errorf("%s: %s: CHECK passed without %s", c.name, f, gone)
+			}
+			b.MustRestoreNAT(f, gone)
+		}
+		n.MustDel(p)
+	}
+	expectClean(t, b)
+}
