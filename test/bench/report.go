@@ -254,8 +254,8 @@ func (r *report) markdown() string {
 		b.WriteString(row("M", "N", "phase", "upstream", "portguard", "ratio", "failed calls upstream", "failed calls portguard"))
 		b.WriteString(row("---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"))
 		for _, s := range r.Scenarios {
-			if s.Err != "" {
-				continue
+			if s.Err != "" || len(s.Drain) == 0 {
+				continue // failed, or N above -drain-max-n
 			}
 			for _, phase := range []string{"ADD", "DEL"} {
 				cells := []string{fmt.Sprint(s.M), fmt.Sprint(s.N), phase}
