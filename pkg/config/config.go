@@ -174,7 +174,7 @@ func Parse(stdin []byte, ifName string) (*Config, error) {
 		if cond.v == nil {
 			continue
 		}
-		args, err := validConditions(cond.field, *cond.v)
+		args, err := validConditions(cond.field, cond.f, *cond.v)
 		if err != nil {
 			return nil, err
 		}
@@ -265,8 +265,9 @@ var commandOptions = []string{"append", "insert", "delete", "replace", "check", 
 	"help", "version", "wait", "wait-interval", "line-numbers", "modprobe", "exact", "numeric", "verbose"}
 
 // validConditions accepts iptables match arguments only: no command, jump or table option
-// in any spelling, no byte that could end the restore line, and a bounded size.
-func validConditions(field string, conds []string) ([]string, error) {
+// in any spelling, no byte that could end the restore line, a bounded size, and address
+// options whose kernel rules can be known (validAddresses).
+func validConditions(field string, f hostport.Family, conds []string) ([]string, error) {
 	if len(conds) == 0 || (len(conds) == 1 && conds[0] == "") {
 		return nil, nil
 	}
@@ -286,6 +287,9 @@ func validConditions(field string, conds []string) ([]string, error) {
 			return nil, invalid(item, "%q is not a match condition", truncate(a))
 		}
 		out = append(out, a)
+	}
+	if err := validAddresses(field, f, out); err != nil {
+		return nil, err
 	}
 	return out, nil
 }
