@@ -35,6 +35,17 @@ func addrOption(a string) byte {
 	return 0
 }
 
+// protocolOption tells whether a is iptables' -p option in any spelling (-p, -ptcp,
+// --protocol, --proto=tcp): every jump already has the mapping's protocol.
+func protocolOption(a string) bool {
+	if strings.HasPrefix(a, "-p") {
+		return true
+	}
+	name, _, _ := strings.Cut(a, "=")
+	name, ok := strings.CutPrefix(name, "--")
+	return ok && len(name) >= 2 && strings.HasPrefix("protocol", name)
+}
+
 // gluedAddrOption reports an address option written with its value in the same argument
 // (-d192.0.2.1, --destination=192.0.2.1): getopt would accept it, iptables 1.8 does not.
 func gluedAddrOption(a string) bool {
@@ -67,8 +78,8 @@ func addrLists(args []string) (s, d int) {
 	return s, d
 }
 
-// validAddresses checks the address options of one family's conditions: each given at
-// most once, with a value of literal addresses or prefixes (no host name: iptables
+// validAddresses checks the address and protocol options of one family's conditions: no
+// protocol (the mappings set it), each address option given at most once, with a value of literal addresses or prefixes (no host name: iptables
 // resolves one anew on every call, into as many rules as it has addresses, so DEL and
 // CHECK could not know the rules ADD made), no empty list item, and no negated list
 // (iptables refuses one).
@@ -80,6 +91,9 @@ func validAddresses(field string, f hostport.Family, args []string) error {
 		if a == "--comment" {
 			i++
 			continue
+		}
+		if protocolOption(a) {
+			return invalid(item, "%q: the protocol is each mapping's; a condition cannot set it (iptables allows one -p)", truncate(a))
 		}
 		if gluedAddrOption(a) {
 			return invalid(item, "%q: give the address option and its value as two arguments", truncate(a))

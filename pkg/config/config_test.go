@@ -183,6 +183,8 @@ func TestAddressOptionsWhoseRulesCannotBeKnownAreRefused(t *testing.T) {
 		`"conditionsV4":["-d","10.0.0.1","--dst","10.0.0.2"]`:            "conditionsV4[2]",
 		`"conditionsV4":["-d10.0.0.1"]`:                                  "conditionsV4[0]",
 		`"conditionsV4":["--destination=10.0.0.1,10.0.0.2"]`:             "conditionsV4[0]",
+		`"conditionsV4":["--proto","udp"]`:                               "conditionsV4[0]",
+		`"conditionsV6":["-d","fd00::1","-p","udp"]`:                     "conditionsV6[2]",
 		`"conditionsV4":["-m","iprange","-s"]`:                           "conditionsV4[2]",
 	}
 	for body, field := range cases {
