@@ -24,6 +24,10 @@ type checkRow struct {
 	// ownMarks: snat with portguard's CNI-HOSTPORT-SETMARK/MASQ, whose rules CHECK asserts.
 	ownMarks bool
 	markBit  int
+	// shared: also break the shared layout (entry jump; with ownMarks SETMARK, MASQ and
+	// POSTROUTING's jump), which the conditions do not change: only the rows of the keys
+	// that decide it.
+	shared bool
 }
 
 func tcp8080(*tb.Bed) []tb.PortMapping { return []tb.PortMapping{tb.TCP(8080, 80)} }
@@ -46,7 +50,7 @@ func ports(proto string, from, n int) []tb.PortMapping {
 func checkRows() []checkRow {
 	none := func(*tb.Bed) map[string]any { return nil }
 	return []checkRow{
-		{name: "defaults", conf: none, mappings: tcp8080, jumps: both(1), ownMarks: true},
+		{name: "defaults", conf: none, mappings: tcp8080, jumps: both(1), ownMarks: true, shared: true},
 		{name: "dst-list", conf: func(b *tb.Bed) map[string]any {
 			return map[string]any{
 				"conditionsV4": []string{"-d", "192.0.2.1/32,127.0.0.1/32"},
@@ -86,14 +90,14 @@ func checkRows() []checkRow {
 			[]string{"-m", "comment", "--comment", "operator note"}),
 			mappings: tcp8080, jumps: map[tb.Family]int{tb.V4: 2, tb.V6: 1}, ownMarks: true},
 		{name: "snat-false", conf: func(*tb.Bed) map[string]any { return map[string]any{"snat": false} },
-			mappings: tcp8080, jumps: both(1)},
+			mappings: tcp8080, jumps: both(1), shared: true},
 		{name: "masqAll", conf: func(*tb.Bed) map[string]any { return map[string]any{"masqAll": true} },
-			mappings: tcp8080, jumps: both(1), ownMarks: true},
+			mappings: tcp8080, jumps: both(1), ownMarks: true, shared: true},
 		{name: "externalSetMarkChain", conf: func(*tb.Bed) map[string]any {
 			return map[string]any{"externalSetMarkChain": "PG-EXT-MARK"}
-		}, setup: externalMarkChain, mappings: tcp8080, jumps: both(1)},
+		}, setup: externalMarkChain, mappings: tcp8080, jumps: both(1), shared: true},
 		{name: "markMasqBit-5", conf: func(*tb.Bed) map[string]any { return map[string]any{"markMasqBit": 5} },
-			mappings: tcp8080, jumps: both(1), ownMarks: true, markBit: 5},
+			mappings: tcp8080, jumps: both(1), ownMarks: true, markBit: 5, shared: true},
 		{name: "hostIP-v4", conf: none, mappings: func(b *tb.Bed) []tb.PortMapping {
 			return []tb.PortMapping{tb.TCP(8080, 80).On(b.NodeIP4.String())}
 		}, jumps: map[tb.Family]int{tb.V4: 1}, ownMarks: true},
@@ -158,9 +162,9 @@ func runCheckRow(t *testing.T, row checkRow) {
 	maps := row.mappings(b)
 	added := n.MustAdd(p, maps...)
 	chain := p.Chain(n)
-	// reAdd is the runtime's ADD of the same attachment again, made to portguard directly
-	// (cnitool would re-run the bridge plugin, which refuses an existing veth).
-	reAdd := func() {
+	// call runs portguard alone for the attachment, as the runtime's chain would after
+	// bridge (cnitool would re-run bridge, whose ADD refuses an existing veth).
+	call := func(verb string) error {
 		t.Helper()
 		conf := map[string]any{"cniVersion": tb.DefaultCNIVersion, "name": n.Name, "type": "portguard",
 			"runtimeConfig": map[string]any{"portMappings": maps}, "prevResult": json.RawMessage(added.Stdout)}
@@ -171,9 +175,8 @@ func runCheckRow(t *testing.T, row checkRow) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := b.PluginCall("portguard", "ADD", stdin, "CNI_CONTAINERID="+p.ContainerID, "CNI_NETNS="+p.Path); err != nil {
-			t.Fatal(err)
-		}
+		_, err = b.PluginCall("portguard", verb, stdin, "CNI_CONTAINERID="+p.ContainerID, "CNI_NETNS="+p.Path)
+		return err
 	}
 	var fams []tb.Family
 	for _, f := range families {
@@ -186,7 +189,7 @@ func runCheckRow(t *testing.T, row checkRow) {
 	// verify: CHECK passes and each family holds exactly the kernel jumps it should.
 	verify := func(stage string) {
 		t.Helper()
-		if err := n.Check(p); err != nil {
+		if err := call("CHECK"); err != nil {
 			t.Errorf("%s: CHECK fails: %v", stage, err)
 		}
 		for _, f := range families {
@@ -194,6 +197,9 @@ func runCheckRow(t *testing.T, row checkRow) {
 				t.Errorf("%s: %s: %d jumps enter %s, want %d: %v", stage, f, len(got), chain, row.jumps[f], got)
 			}
 		}
+	}
+	if err := n.Check(p); err != nil {
+		t.Errorf("the runtime's CHECK right after ADD fails: %v", err)
 	}
 	verify("right after ADD")
 	if row.markBit != 0 {
@@ -221,10 +227,11 @@ func runCheckRow(t *testing.T, row checkRow) {
 		}
 		return ""
 	}
-	breaks := []struct {
-		what, want string
+	type breakage struct {
+		what, want string // what is removed; what CHECK must then say
 		do         func()
-	}{
+	}
+	breaks := []breakage{
 		{"the last kernel jump", "jump rule missing in CNI-HOSTPORT-DNAT", func() {
 			js := jumpsTo(b, first, chain)
 			del(first, js[len(js)-1])
@@ -236,34 +243,34 @@ func runCheckRow(t *testing.T, row checkRow) {
 		{"a foreign jump into the chain", "jump rules enter " + chain, func() {
 			b.MustRestoreNAT(first, "-A CNI-HOSTPORT-DNAT -p tcp -m tcp --dport 1 -j "+chain)
 		}},
-		{"OUTPUT's entry jump", "entry jump from OUTPUT", func() {
-			del(last, find(last, "OUTPUT", "-j CNI-HOSTPORT-DNAT"))
-		}},
 	}
-	if row.ownMarks {
-		breaks = append(breaks, []struct {
-			what, want string
-			do         func()
-		}{
-			{"the MASQUERADE rule", "lacks its MASQUERADE rule", func() {
+	if row.shared {
+		breaks = append(breaks, breakage{"OUTPUT's entry jump", "entry jump from OUTPUT", func() {
+			del(last, find(last, "OUTPUT", "-j CNI-HOSTPORT-DNAT"))
+		}})
+	}
+	if row.shared && row.ownMarks {
+		breaks = append(breaks,
+			breakage{"the MASQUERADE rule", "lacks its MASQUERADE rule", func() {
 				del(last, find(last, "CNI-HOSTPORT-MASQ", "MASQUERADE"))
 			}},
-			{"the mark rule", "lacks its mark rule", func() {
+			breakage{"the mark rule", "lacks its mark rule", func() {
 				del(first, find(first, "CNI-HOSTPORT-SETMARK", "MARK"))
 			}},
-			{"POSTROUTING's jump", "POSTROUTING jump", func() {
+			breakage{"POSTROUTING's jump", "POSTROUTING jump", func() {
 				del(first, find(first, "POSTROUTING", "-j CNI-HOSTPORT-MASQ"))
-			}},
-		}...)
+			}})
 	}
 	for _, br := range breaks {
 		br.do()
-		if err := n.Check(p); err == nil {
+		if err := call("CHECK"); err == nil {
 			t.Errorf("CHECK passed with %s removed", br.what)
 		} else if !strings.Contains(err.Error(), br.want) {
 			t.Errorf("CHECK with %s removed: %v; want it to say %q", br.what, err, br.want)
 		}
-		reAdd()
+		if err := call("ADD"); err != nil {
+			t.Fatalf("re-ADD after breaking %s: %v", br.what, err)
+		}
 		verify("re-ADD after breaking " + br.what)
 	}
 	n.MustDel(p)
