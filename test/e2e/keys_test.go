@@ -333,3 +333,35 @@ func TestSCTP(t *testing.T) {
 		t.Errorf("CHECK: %v", err)
 	}
 }
+
+// TestConditionAddressLists: conditions with address lists (the issue's
+// "-d <node>,127.0.0.1" and a source list) forward exactly the listed addresses, each
+// through its own kernel rule, and CHECK passes right after ADD, as with upstream.
+func TestConditionAddressLists(t *testing.T) {
+	t.Parallel()
+	bothPlugins(t, func(t *testing.T, plugin string) {
+		b := tb.New(t)
+		n := b.Network(tb.NetConfig{PortPlugin: plugin, PortConf: map[string]any{
+			"conditionsV4": []string{"-d", b.NodeIP4.String() + "/32,127.0.0.1/32"},
+			"conditionsV6": []string{"-s", b.ClientIP6.String() + ",2001:db8::/32"},
+		}})
+		a := b.NewPod("A")
+		n.MustAdd(a, tb.TCP(8080, 80), tb.UDP(8080, 80))
+		a.Serve(80)
+		if err := n.Check(a); err != nil {
+			t.Errorf("CHECK right after ADD: %v", err)
+		}
+		for _, proto := range protos() {
+			expectAnswer(t, proto, b.Client, b.NodeIP4.String(), 8080, "A")
+			expectAnswer(t, proto, b.Node, "127.0.0.1", 8080, "A")
+			expectAnswer(t, proto, b.Client, b.NodeIP6.String(), 8080, "A")
+		}
+		// Not listed: the node's other IPv4 address; IPv6 from the node itself.
+		expectNoAnswer(t, "tcp", b.Client, b.NodeIP4Alt.String(), 8080)
+		expectNoAnswer(t, "tcp", b.Node, b.NodeIP6.String(), 8080)
+		if plugin == "portguard" {
+			n.MustDel(a)
+			expectClean(t, b)
+		}
+	})
+}
