@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net/netip"
 	"os"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/portguard/portguard/pkg/conntrack"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/localnet"
 	"github.com/portguard/portguard/pkg/plan"
 )
@@ -37,12 +39,17 @@ func main() {
 		"portguard "+buildinfo.Version+" (CNI host ports without stale claims)")
 }
 
-// load validates the call's input; nothing is touched before it passes.
-func load(args *skel.CmdArgs) (*config.Config, hostport.Owner, error) {
+// newEngine makes the engine of a call; tests replace it to run the verbs against a fake
+// nat table (pkg/iptables/iptablestest).
+var newEngine = engine.New
+
+// load validates the call's input with parse (config.Parse, or config.ParseDel for DEL);
+// nothing is touched before it passes.
+func load(args *skel.CmdArgs, parse func([]byte, string) (*config.Config, error)) (*config.Config, hostport.Owner, error) {
 	if err := config.ValidateContainerID(args.ContainerID); err != nil {
 		return nil, hostport.Owner{}, err
 	}
-	c, err := config.Parse(args.StdinData, args.IfName)
+	c, err := parse(args.StdinData, args.IfName)
 	if err != nil {
 		return nil, hostport.Owner{}, err
 	}
@@ -50,7 +57,7 @@ func load(args *skel.CmdArgs) (*config.Config, hostport.Owner, error) {
 }
 
 func cmdAdd(args *skel.CmdArgs) error {
-	c, owner, err := load(args)
+	c, owner, err := load(args, config.Parse)
 	if err != nil {
 		return err
 	}
@@ -63,8 +70,10 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := needPodIP(c, args.IfName); err != nil {
 		return err
 	}
-	e := engine.New(c.LockTimeout)
+	e := newEngine(c.LockTimeout)
 	e.OnTakeover = takeoverLogger(c.LogFile)
+	e.Judge = liveness.New(c.CNICacheDir)
+	e.Sandbox = liveness.Record{Netns: args.Netns, IfName: args.IfName}
 	if _, err := e.Add(c, owner); err != nil {
 		return err
 	}
@@ -83,7 +92,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 }
 
 func cmdDel(args *skel.CmdArgs) error {
-	c, owner, err := load(args)
+	c, owner, err := load(args, config.ParseDel)
 	if err != nil {
 		return err
 	}
@@ -92,7 +101,9 @@ func cmdDel(args *skel.CmdArgs) error {
 	if len(c.Mappings) == 0 && !attachmentMayExist(c) {
 		return nil
 	}
-	if err := engine.New(c.LockTimeout).Del(c, owner); err != nil {
+	e := newEngine(c.LockTimeout)
+	e.Judge = liveness.New(c.CNICacheDir)
+	if err := e.Del(c, owner); err != nil {
 		return err
 	}
 	for _, f := range hostport.Families {
@@ -112,7 +123,7 @@ func attachmentMayExist(c *config.Config) bool {
 }
 
 func cmdCheck(args *skel.CmdArgs) error {
-	c, owner, err := load(args)
+	c, owner, err := load(args, config.Parse)
 	if err != nil {
 		return err
 	}
@@ -125,7 +136,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := needPodIP(c, args.IfName); err != nil {
 		return err
 	}
-	return engine.New(c.LockTimeout).Check(c, owner)
+	return newEngine(c.LockTimeout).Check(c, owner)
 }
 
 func cmdGC(args *skel.CmdArgs) error {
@@ -137,9 +148,23 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, a := range c.Raw.ValidAttachments {
 		valid[a.ContainerID] = true
 	}
-	removed, err := engine.New(c.LockTimeout).GC(c.Network, valid, cnicache.Owners(cnicache.Dir(), c.Network))
+	e := newEngine(c.LockTimeout)
+	e.Judge = liveness.New(c.CNICacheDir)
+	// GC goes by the runtime's valid-attachments list (CNI spec); the evidence is for the
+	// log, gathered before GC removes the records it rests on (the Judge keeps verdicts).
+	cached := cnicache.Owners(cnicache.Dir(), c.Network)
+	for _, r := range e.Judge.Records.All() {
+		cached = append(cached, r.Owner)
+	}
+	for _, o := range cached {
+		if o.Network == c.Network && !valid[o.ContainerID] {
+			e.Judge.Owner(o, netip.Addr{})
+		}
+	}
+	removed, err := e.GC(c.Network, valid, cached)
 	for _, o := range removed {
-		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o})
+		ev := e.Judge.Owner(o, netip.Addr{})
+		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o, "evidence": ev})
 	}
 	var ce *types.Error
 	if err != nil && !errors.As(err, &ce) {
@@ -153,7 +178,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	return engine.New(c.LockTimeout).Status()
+	return newEngine(c.LockTimeout).Status()
 }
 
 // needPodIP refuses host ports for a pod prevResult gives no address: upstream silently

@@ -132,10 +132,19 @@ func TestGC(t *testing.T) {
 		wantAnswer(t, b, "tcp", b.NodeIP(f), 8090, "Q")
 	}
 	removed := map[string]bool{}
+	states := map[string]string{}
 	for _, e := range events(res.Stderr + readFile(t, logFile)) {
 		if e.Event == "gc" && e.Removed != nil {
 			removed[e.Removed.ContainerID] = true
+			if e.Evidence != nil {
+				states[e.Removed.ContainerID] = e.Evidence.State
+			}
 		}
+	}
+	// GC goes by the valid list, and logs the evidence it had: P2 and P3 still run, the
+	// crashed pod's namespace is gone.
+	if states[pods[1].ContainerID] != "alive" || states[stale.ContainerID] != "stale" {
+		t.Errorf("GC evidence states %v: want P2 alive, stale pod stale", states)
 	}
 	for _, p := range []*tb.Pod{pods[1], pods[2], stale} {
 		if !removed[p.ContainerID] {
@@ -193,11 +202,11 @@ func TestStatus(t *testing.T) {
 	}
 }
 
-// 20 pods claim 8080 at once: every ADD succeeds, exactly one claim remains per family (the
-// same pod in both), and that pod answers.
+// 20 pods claim 8080 at once under conflictPolicy force: every ADD succeeds, exactly one
+// claim remains per family (the same pod in both), and that pod answers.
 func TestParallelAddsEndWithOneClaim(t *testing.T) {
 	b := newBed(t)
-	n, _ := pgNet(b, tb.NetConfig{}, nil)
+	n, _ := pgNet(b, tb.NetConfig{}, force)
 	// Upstream bridge races on the MAC of a bridge that parallel ADDs create together (a
 	// later cnitool check then fails "Bridge interface cni0 Mac doesn't match"): one pod
 	// without host ports creates and pins the bridge first.
