@@ -58,67 +58,74 @@ func gluedAddrOption(a string) bool {
 	return false
 }
 
-// addrLists finds the values of the address options in conditions: the index of the
-// value of -s (s) and of -d (d), -1 when absent. Arguments of --comment are skipped (a
-// comment may read "-d"). It assumes validAddresses accepted args.
-func addrLists(args []string) (s, d int) {
-	s, d = -1, -1
+// addrArg is one address option of the conditions: 's' or 'd', and the indexes of the
+// option and of its value (len(args) when it has none).
+type addrArg struct {
+	opt     byte
+	at, val int
+}
+
+// addrArgs reads the conditions as iptables does as far as addresses go: it lists the
+// address options in order, skipping the free text of --comment (which may read "-d"),
+// and hands every other argument's index to check (nil: none), stopping at its error.
+func addrArgs(args []string, check func(i int) error) ([]addrArg, error) {
+	var out []addrArg
 	for i := 0; i < len(args); i++ {
-		switch {
-		case args[i] == "--comment":
+		if args[i] == "--comment" {
 			i++
-		case addrOption(args[i]) == 's' && i+1 < len(args):
-			s = i + 1
+			continue
+		}
+		if opt := addrOption(args[i]); opt != 0 {
+			out = append(out, addrArg{opt: opt, at: i, val: i + 1})
 			i++
-		case addrOption(args[i]) == 'd' && i+1 < len(args):
-			d = i + 1
-			i++
+			continue
+		}
+		if check != nil {
+			if err := check(i); err != nil {
+				return nil, err
+			}
 		}
 	}
-	return s, d
+	return out, nil
 }
 
 // validAddresses checks the address and protocol options of one family's conditions: no
-// protocol (the mappings set it), each address option given at most once, with a value of literal addresses or prefixes (no host name: iptables
+// protocol (the mappings set it); each address option given at most once, as its own
+// argument, with a value of literal addresses or prefixes (no host name: iptables
 // resolves one anew on every call, into as many rules as it has addresses, so DEL and
 // CHECK could not know the rules ADD made), no empty list item, and no negated list
 // (iptables refuses one).
 func validAddresses(field string, f hostport.Family, args []string) error {
+	item := func(i int) string { return fmt.Sprintf("%s[%d]", field, i) }
+	addrs, err := addrArgs(args, func(i int) error {
+		switch a := args[i]; {
+		case protocolOption(a):
+			return invalid(item(i), "%q: the protocol is each mapping's; a condition cannot set it (iptables allows one -p)", truncate(a))
+		case gluedAddrOption(a):
+			return invalid(item(i), "%q: give the address option and its value as two arguments", truncate(a))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
 	seen := map[byte]bool{}
-	for i := 0; i < len(args); i++ {
-		a := args[i]
-		item := fmt.Sprintf("%s[%d]", field, i)
-		if a == "--comment" {
-			i++
-			continue
+	for _, x := range addrs {
+		if seen[x.opt] {
+			return invalid(item(x.at), "%q: a second -%c option (iptables allows one)", truncate(args[x.at]), x.opt)
 		}
-		if protocolOption(a) {
-			return invalid(item, "%q: the protocol is each mapping's; a condition cannot set it (iptables allows one -p)", truncate(a))
+		seen[x.opt] = true
+		if x.val >= len(args) {
+			return invalid(item(x.at), "%q needs an address", truncate(args[x.at]))
 		}
-		if gluedAddrOption(a) {
-			return invalid(item, "%q: give the address option and its value as two arguments", truncate(a))
-		}
-		opt := addrOption(a)
-		if opt == 0 {
-			continue
-		}
-		if seen[opt] {
-			return invalid(item, "%q: a second -%c option (iptables allows one)", truncate(a), opt)
-		}
-		seen[opt] = true
-		if i+1 >= len(args) {
-			return invalid(item, "%q needs an address", truncate(a))
-		}
-		i++
-		val := args[i]
-		item = fmt.Sprintf("%s[%d]", field, i)
+		val := args[x.val]
 		items := strings.Split(val, ",")
-		if len(items) > 1 && i >= 2 && args[i-2] == "!" {
-			return invalid(item, "%q: iptables does not allow ! with an address list", truncate(val))
+		if len(items) > 1 && x.at > 0 && args[x.at-1] == "!" {
+			return invalid(item(x.val), "%q: iptables does not allow ! with an address list", truncate(val))
 		}
 		for _, it := range items {
 			if !literalAddress(f, it) {
-				return invalid(item, "%q is not a list of %s addresses or prefixes (host names are not accepted: iptables would resolve them anew on every call)", truncate(val), f)
+				return invalid(item(x.val), "%q is not a list of %s addresses or prefixes (host names are not accepted: iptables would resolve them anew on every call)", truncate(val), f)
 			}
 		}
 	}
@@ -146,7 +153,17 @@ func literalAddress(f hostport.Family, s string) bool {
 // iptables adds them (sources outer). Conditions without an address list give themselves.
 // args must have passed Parse's validation.
 func ExpandConditions(args []string) [][]string {
-	s, d := addrLists(args)
+	s, d := -1, -1
+	addrs, _ := addrArgs(args, nil)
+	for _, x := range addrs {
+		switch {
+		case x.val >= len(args):
+		case x.opt == 's':
+			s = x.val
+		default:
+			d = x.val
+		}
+	}
 	srcs, dsts := []string{""}, []string{""}
 	if s >= 0 {
 		srcs = strings.Split(args[s], ",")
