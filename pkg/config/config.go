@@ -137,12 +137,15 @@ func truncate(s string) string {
 func Parse(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, true) }
 
 // ParseDel reads stdin for DEL: as Parse, but the pod addresses Parse refuses are read as
-// they always were. DEL must remove whatever an ADD installed, also one by upstream
-// portmap or an earlier portguard that accepted such an address; refusing it would leave
-// those rules behind and fail the pod's teardown on every retry.
+// they always were, and conditions Parse refuses are dropped (Config.Conditions has none for
+// that family). DEL must remove whatever an ADD installed, also one by upstream portmap or
+// an earlier portguard that accepted such an address or condition (e.g. a host name in
+// "-d"); refusing it would leave those rules behind and fail the pod's teardown on every
+// retry. Without the conditions DEL cannot spell the jump rules, so it finds them by the
+// chain they enter; nothing of a dropped condition reaches the kernel.
 func ParseDel(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, false) }
 
-func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
+func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 	raw := &NetConf{}
 	if err := json.Unmarshal(stdin, raw); err != nil {
 		return nil, decodeError(err)
@@ -198,10 +201,12 @@ func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
 			continue
 		}
 		args, err := validConditions(cond.field, cond.f, *cond.v)
-		if err != nil {
+		if err != nil && strict {
 			return nil, err
 		}
-		c.Conditions[cond.f] = args
+		if err == nil {
+			c.Conditions[cond.f] = args
+		}
 	}
 
 	switch raw.ConflictPolicy {
@@ -244,7 +249,7 @@ func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
 		}
 		c.PrevResult = res
 		var used map[hostport.Family]bool
-		if checkPodIPs {
+		if strict {
 			used = map[hostport.Family]bool{}
 			for _, f := range hostport.Families {
 				for _, m := range c.Mappings {

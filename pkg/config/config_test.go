@@ -195,3 +195,19 @@ func TestAddressOptionsWhoseRulesCannotBeKnownAreRefused(t *testing.T) {
 		}
 	}
 }
+
+// DEL drops conditions ADD would refuse (an earlier version accepted host names) instead
+// of failing the teardown; nothing of them is kept.
+func TestParseDelDropsRefusedConditions(t *testing.T) {
+	in := []byte(`{"cniVersion":"1.0.0","name":"net","type":"portguard","conditionsV4":["-d","somehost.example"],"conditionsV6":["-d","fd00::1"]}`)
+	if _, err := Parse(in, "eth0"); err == nil {
+		t.Fatal("Parse accepted a host name in conditionsV4")
+	}
+	c, err := ParseDel(in, "eth0")
+	if err != nil {
+		t.Fatalf("ParseDel: %v", err)
+	}
+	if len(c.Conditions[hostport.V4]) != 0 || len(c.Conditions[hostport.V6]) != 2 {
+		t.Errorf("conditions %v: want the refused IPv4 ones dropped, IPv6 kept", c.Conditions)
+	}
+}
