@@ -138,20 +138,29 @@ func TestCheckConfigsWithoutProcessOnNft(t *testing.T) {
 		conf     map[string]any
 		mappings []tb.PortMapping
 		dnat     map[tb.Family]string // a piece of the DNAT rule to remove, per family it exists in
+		// neighbour's claims are ADDed before, by another pod of the network: CHECK reads
+		// its chain (host IPs decide whether it conflicts), over netlink too.
+		neighbour []tb.PortMapping
 	}{
-		{"snat off", map[string]any{"snat": false}, []tb.PortMapping{tb.TCP(9401, 80)}, nil},
-		{"masqAll", map[string]any{"masqAll": true}, []tb.PortMapping{tb.TCP(9402, 80)}, nil},
-		{"externalSetMarkChain", map[string]any{"externalSetMarkChain": "OPERATOR-MARK"}, []tb.PortMapping{tb.TCP(9403, 80)}, nil},
-		{"markMasqBit 14", map[string]any{"markMasqBit": 14}, []tb.PortMapping{tb.TCP(9404, 80)}, nil},
-		{"hostIP v4", nil, []tb.PortMapping{tb.TCP(9405, 80).On(b.NodeIP(tb.V4).String())}, map[tb.Family]string{tb.V4: "-d " + b.NodeIP(tb.V4).String()}},
-		{"hostIP v6", nil, []tb.PortMapping{tb.TCP(9406, 80).On(b.NodeIP(tb.V6).String())}, map[tb.Family]string{tb.V6: "-d " + b.NodeIP(tb.V6).String()}},
-		{"udp and sctp", nil, []tb.PortMapping{tb.UDP(9407, 80), {HostPort: 9408, ContainerPort: 80, Protocol: "sctp"}}, map[tb.Family]string{tb.V4: "--dport 9408", tb.V6: "--dport 9407"}},
-		{"17 ports", nil, many, map[tb.Family]string{tb.V4: "--dport 9516", tb.V6: "--dport 9500"}},
+		{"snat off", map[string]any{"snat": false}, []tb.PortMapping{tb.TCP(9401, 80)}, nil, nil},
+		{"masqAll", map[string]any{"masqAll": true}, []tb.PortMapping{tb.TCP(9402, 80)}, nil, nil},
+		{"externalSetMarkChain", map[string]any{"externalSetMarkChain": "OPERATOR-MARK"}, []tb.PortMapping{tb.TCP(9403, 80)}, nil, nil},
+		{"markMasqBit 14", map[string]any{"markMasqBit": 14}, []tb.PortMapping{tb.TCP(9404, 80)}, nil, nil},
+		{"hostIP v4", nil, []tb.PortMapping{tb.TCP(9405, 80).On(b.NodeIP(tb.V4).String())}, map[tb.Family]string{tb.V4: "-d " + b.NodeIP(tb.V4).String()},
+			[]tb.PortMapping{tb.TCP(9405, 80).On(b.NodeIPAlt(tb.V4).String())}},
+		{"hostIP v6", nil, []tb.PortMapping{tb.TCP(9406, 80).On(b.NodeIP(tb.V6).String())}, map[tb.Family]string{tb.V6: "-d " + b.NodeIP(tb.V6).String()}, nil},
+		{"udp and sctp", nil, []tb.PortMapping{tb.UDP(9407, 80), {HostPort: 9408, ContainerPort: 80, Protocol: "sctp"}}, map[tb.Family]string{tb.V4: "--dport 9408", tb.V6: "--dport 9407"}, nil},
+		{"17 ports", nil, many, map[tb.Family]string{tb.V4: "--dport 9516", tb.V6: "--dport 9500"}, nil},
 		{"conditions", map[string]any{"conditionsV4": []string{"-d", b.NodeIP(tb.V4).String() + "/32", "!", "--source", "10.0.0.0/8"},
-			"conditionsV6": []string{"-d", b.NodeIP(tb.V6).String()}}, []tb.PortMapping{tb.TCP(9409, 80)}, nil},
+			"conditionsV6": []string{"-d", b.NodeIP(tb.V6).String()}}, []tb.PortMapping{tb.TCP(9409, 80)}, nil, nil},
 	}
 	for i, c := range cases {
 		n := b.Network(tb.NetConfig{PortPlugin: "portguard", PortConf: c.conf, Bridge: fmt.Sprintf("pgcheck%d", i)})
+		var nb *tb.Pod
+		if c.neighbour != nil {
+			nb = b.NewPod("")
+			n.MustAdd(nb, c.neighbour...)
+		}
 		p := b.NewPod("")
 		n.MustAdd(p, c.mappings...)
 		b.ResetShim()
@@ -183,6 +192,9 @@ func TestCheckConfigsWithoutProcessOnNft(t *testing.T) {
 			b.MustRestoreNAT(f, gone)
 		}
 		n.MustDel(p)
+		if nb != nil {
+			n.MustDel(nb)
+		}
 	}
 	expectClean(t, b)
 }
