@@ -91,6 +91,19 @@ func TestParseRefuses(t *testing.T) {
 	for i := range long {
 		long[i] = "mark 1"
 	}
+	// Sets of addresses written tightly: within MaxLen as given, beyond it with the
+	// canonical form's ", " separators.
+	var canonTooLong []string
+	for m := range 4 {
+		var vals []string
+		for i := range 210 {
+			vals = append(vals, fmt.Sprintf("1.%d.%d.%d", m, i/100, (i%100)*2))
+		}
+		canonTooLong = append(canonTooLong, "ip saddr {"+strings.Join(vals, ",")+"}")
+	}
+	if n := len(strings.Join(canonTooLong, "")); n > MaxLen {
+		t.Fatalf("canonTooLong has %d bytes", n)
+	}
 	manyMatches := strings.Repeat("mark 1 ", MaxMatches+1)
 	bigSet := []string{"ip saddr {"}
 	for range 4 {
@@ -164,7 +177,8 @@ func TestParseRefuses(t *testing.T) {
 		{hostport.V4, []string{"meta mark 1 accept"}, "conditionsV4[0]", "nft statement"},
 		{hostport.V4, []string{"ip saddr 192.0.2.1 \u00e9"}, "conditionsV4[0]", "non-ASCII"},
 		{hostport.V4, []string{"ip saddr 192.0.2.1\tmark 1"}, "conditionsV4[0]", "control characters"},
-		{hostport.V4, []string{"mark 1", strings.Repeat("x", MaxItemLen+1)}, "conditionsV4[1]", "longer than"},
+		{hostport.V4, []string{"mark 1", strings.Repeat(" ", MaxLen)}, "conditionsV4", "bytes; at most"},
+		{hostport.V4, canonTooLong, "conditionsV4", "bytes in canonical form"},
 		{hostport.V4, long, "conditionsV4", "at most"},
 		{hostport.V4, []string{manyMatches}, "conditionsV4[0]", "more than"},
 		{hostport.V4, bigSet, "conditionsV4[4]", "more than 256 values"},
@@ -176,11 +190,11 @@ func TestParseRefuses(t *testing.T) {
 		_, err := Parse(field, tc.f, tc.in)
 		var e *Error
 		if !errors.As(err, &e) {
-			t.Errorf("%q: got %v, want a refusal", tc.in, err)
+			t.Errorf("%.200q: got %v, want a refusal", tc.in, err)
 			continue
 		}
 		if e.Field != tc.field || !strings.Contains(e.Msg, tc.msg) {
-			t.Errorf("%q: got %q, want field %s and %q in the message", tc.in, err, tc.field, tc.msg)
+			t.Errorf("%.200q: got %.200q, want field %s and %q in the message", tc.in, err, tc.field, tc.msg)
 		}
 	}
 }

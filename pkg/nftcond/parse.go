@@ -37,7 +37,7 @@ import (
 // condition with more than these is a mistake, not a need.
 const (
 	MaxItems      = 64   // strings in conditionsV4/V6
-	MaxItemLen    = 1024 // bytes in one string
+	MaxLen        = 8192 // bytes of all strings, and of the canonical form (String)
 	MaxMatches    = 16   // matches in one list
 	MaxSetEntries = 256  // values in one address set
 )
@@ -95,6 +95,13 @@ func Parse(field string, f hostport.Family, conds []string) (Conditions, error) 
 	if len(conds) > MaxItems {
 		return c, &Error{Field: field, Msg: fmt.Sprintf("%d items; at most %d", len(conds), MaxItems)}
 	}
+	total := 0
+	for _, s := range conds {
+		total += len(s)
+	}
+	if total > MaxLen {
+		return c, &Error{Field: field, Msg: fmt.Sprintf("%d bytes; at most %d", total, MaxLen)}
+	}
 	p := &parser{field: field, fam: f}
 	for i, s := range conds {
 		if err := p.lex(i, s); err != nil {
@@ -112,6 +119,11 @@ func Parse(field string, f hostport.Family, conds []string) (Conditions, error) 
 		c.matches = append(c.matches, m)
 	}
 	c.normalise()
+	// The canonical form can be longer than the input ({a,b} becomes { a, b }); bounding
+	// it too keeps every accepted list's canonical form acceptable as input.
+	if n := len(c.String()); n > MaxLen {
+		return Conditions{family: f}, &Error{Field: field, Msg: fmt.Sprintf("%d bytes in canonical form; at most %d", n, MaxLen)}
+	}
 	return c, nil
 }
 
@@ -131,9 +143,6 @@ func wordByte(b byte) bool {
 // upstream joins items with is.
 func (p *parser) lex(i int, s string) error {
 	p.last = i
-	if len(s) > MaxItemLen {
-		return p.errf(i, "longer than %d bytes", MaxItemLen)
-	}
 	for j := 0; j < len(s); j++ {
 		if b := s[j]; b < 0x20 || b > 0x7e {
 			return p.errf(i, "byte 0x%02x at offset %d: control characters (a newline ends an nft command) and non-ASCII bytes are refused", b, j)
