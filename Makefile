@@ -10,6 +10,9 @@ CNI_BIN   ?= /opt/cni/bin
 # tags, -dirty for a modified tree. COMMIT: the full hash. Both end up in pkg/buildinfo.
 VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null)
+# Expanded once, so every binary of one `make release` carries the same pair.
+VERSION   := $(VERSION)
+COMMIT    := $(COMMIT)
 LDFLAGS   := -X github.com/portguard/portguard/pkg/buildinfo.Version=$(VERSION) \
              -X github.com/portguard/portguard/pkg/buildinfo.Commit=$(COMMIT)
 # make release: the platforms of the static binaries in dist/.

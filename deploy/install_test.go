@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/portguard/portguard/pkg/doctor"
 )
 
 // fakePlugin writes an executable that prints about like a CNI plugin run without
@@ -363,6 +365,17 @@ func TestManifestsFleetSettings(t *testing.T) {
 			if !strings.Contains(s, w) {
 				t.Errorf("%s: no %q", file, w)
 			}
+		}
+	}
+}
+
+// doctor recognises a drop-in by the files install.sh leaves next to it.
+func TestDropInLeavesTheFilesDoctorLooksFor(t *testing.T) {
+	b := newBed(t)
+	b.mustRun("install", "PORTGUARD_AS_PORTMAP=true")
+	for _, name := range []string{doctor.DropInBackup, doctor.DropInMarker} {
+		if _, err := os.Stat(filepath.Join(b.bin, name)); err != nil {
+			t.Errorf("doctor looks for %s: %v", name, err)
 		}
 	}
 }

@@ -18,7 +18,10 @@ finding what is wrong, why it breaks host ports, and the exact fix:
   conflist      which file the runtime uses (the lexically first .conf/.conflist/.json, as
                 libcni, containerd and CRI-O pick it) and whether it parses
   port-mapping  whether it chains portmap or portguard with "capabilities": {"portMappings": true}
-  binary        whether every plugin of the chain is an executable file in --bin-dir
+  binary        whether every plugin of the chain is an executable file in --bin-dir, and
+                what it is (run without CNI_COMMAND, a CNI plugin prints its name and
+                version): portguard and its version and commit, upstream portmap, or
+                unknown; a portmap drop-in that another installer overwrote is an error
   iptables      whether iptables / ip6tables can use the nat table
   backend       CNI chains in the other iptables backend (legacy vs nft) that the kernel
                 still runs but "iptables" does not show
