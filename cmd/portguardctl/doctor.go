@@ -41,12 +41,12 @@ func cmdDoctor(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("doctor", doctorHelp, stdout)
 	confDir := fs.String("conf-dir", "/etc/cni/net.d", "CNI network config directory the runtime uses")
 	binDir := fs.String("bin-dir", "/opt/cni/bin", "CNI plugin directories, colon-separated like CNI_PATH")
-	output := fs.String("o", "text", "output format: text or json")
+	output := fs.String("o", "text", "output format: "+formatList(textOrJSON))
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *output != "text" && *output != "json" {
-		return usageError{fmt.Sprintf("-o %q: must be text or json", *output)}
+	if err := checkFormat(*output, textOrJSON); err != nil {
+		return err
 	}
 	dirs := filepath.SplitList(*binDir)
 	env := doctor.DefaultEnv(*confDir, dirs, newRunner(10*time.Second))

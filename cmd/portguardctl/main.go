@@ -55,12 +55,15 @@ Every command works on the current network namespace (run it through
 "ip netns exec NAME" for another one) and needs root, except --help.
 Rules written by upstream portmap are understood exactly like portguard's.
 
-Exit status: 0 healthy / done, 1 problems found, 2 usage or environment error.
+Exit status: 0 healthy / done, 1 problems found, 2 usage or environment error
+(audit -o prometheus: 0 once collected; the problems are in the metrics).
+Output: -o text (default) or -o json for audit, doctor and version; audit also
+-o prometheus. Conventions and names: docs/cli.md.
 
 Examples:
   portguardctl audit
   portguardctl audit -o json | jq '.families[].problems'
-  portguardctl audit -o prometheus > /var/lib/node_exporter/textfile/portguard.prom.$$; \
+  portguardctl audit -o prometheus > /var/lib/node_exporter/textfile/portguard.prom.$$ && \
       mv /var/lib/node_exporter/textfile/portguard.prom.$$ /var/lib/node_exporter/textfile/portguard.prom
   portguardctl repair --dry-run
   portguardctl repair --keep k8s-pod-network/4f1c2a...
@@ -147,10 +150,10 @@ func parse(fs *flags, args []string) error {
 			fs.SetOutput(io.Discard)
 			return err
 		}
-		return usageError{err.Error()}
+		return usageError{fmt.Sprintf("%v (run \"portguardctl %s --help\" for the flags)", err, fs.Name())}
 	}
 	if fs.NArg() > 0 {
-		return usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+		return usageError{fmt.Sprintf("unexpected argument %q (run \"portguardctl %s --help\" for the usage)", fs.Arg(0), fs.Name())}
 	}
 	return nil
 }
