@@ -39,6 +39,7 @@ func newFake() *fakeEnv {
 func (f *fakeEnv) conf(name, text string) {
 	f.files["etc/cni/net.d/"+name] = &fstest.MapFile{Data: []byte(text)}
 }
+
 // bin installs plugins that print their about line: portguard under the names portguard
 // and portmap (a drop-in), a generic CNI plugin line for the others. fakeEnv.About returns
 // a file's content, so aboutBin can install anything else.
