@@ -118,7 +118,7 @@ func pluginTypes(t *testing.T, data []byte) []string {
 
 // Every shipped example is healthy when its plugins are installed.
 func TestConflistExamplesHealthy(t *testing.T) {
-	paths, _ := filepath.Glob("../../conflist-examples/*")
+	paths, _ := filepath.Glob("../../conflist-examples/*.conflist")
 	if len(paths) == 0 {
 		t.Fatal("no conflist examples")
 	}
