@@ -63,6 +63,19 @@ func TestOutputFormatsAreConsistent(t *testing.T) {
 			t.Errorf("%s -o json: exit %d %q", cmd, code, out)
 		}
 	}
+	// --family: "4, 6 or all", all when not given
+	for args, want := range map[string]string{"": "ipv4,ipv6", "--family all": "ipv4,ipv6", "--family 4": "ipv4", "--family 6": "ipv6"} {
+		out, _, code := runCLI(append([]string{"audit", "-o", "json"}, strings.Fields(args)...)...)
+		var rep struct{ Families []struct{ Family string } }
+		json.Unmarshal([]byte(out), &rep)
+		var got []string
+		for _, f := range rep.Families {
+			got = append(got, f.Family)
+		}
+		if code != 0 || strings.Join(got, ",") != want {
+			t.Errorf("audit %s: exit %d families %v, want %s", args, code, got, want)
+		}
+	}
 	if table, _, _ := runCLI("audit", "-o", "table"); !strings.Contains(table, "Healthy:") {
 		t.Errorf("audit -o table (alias of text): %q", table)
 	}
