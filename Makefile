@@ -35,13 +35,14 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard ./plugins/portguard
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguardctl ./cmd/portguardctl
 
-# System packages the kernel tests and the demo use.
+# System packages the kernel tests and the demo use; busybox runs deploy/install.sh as the
+# image does (deploy/install_test.go).
 apt-deps:
-	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip; do \
+	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox; do \
 		command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			iptables iproute2 socat conntrack >/dev/null; \
+			iptables iproute2 socat conntrack busybox >/dev/null; \
 	fi
 
 # cnitool and the upstream plugins: bridge and host-local for the test bed, portmap for

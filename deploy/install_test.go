@@ -17,6 +17,57 @@ import (
 	"github.com/portguard/portguard/pkg/doctor"
 )
 
+// shell runs install.sh: the system's sh, then (TestMain) busybox's with nothing but busybox
+// applets on PATH, as in the image (deploy/Dockerfile: FROM busybox).
+var shell = "sh"
+
+// TestMain runs the tests with sh, then once more under busybox when it is installed (make
+// deps installs it; CI requires it through PORTGUARD_E2E_REQUIRED).
+func TestMain(m *testing.M) {
+	if dir := os.Getenv("PORTGUARD_TEST_BUSYBOX_DIR"); dir != "" {
+		shell = filepath.Join(dir, "sh")
+		os.Exit(m.Run())
+	}
+	code := m.Run()
+	if code != 0 {
+		os.Exit(code)
+	}
+	os.Exit(underBusybox())
+}
+
+// underBusybox re-runs this test binary with PATH holding only busybox applets.
+func underBusybox() int {
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		if os.Getenv("PORTGUARD_E2E_REQUIRED") == "1" {
+			fmt.Fprintln(os.Stderr, "busybox is required to test install.sh as the image runs it (make deps installs it)")
+			return 1
+		}
+		fmt.Fprintln(os.Stderr, "busybox not installed: install.sh tested with sh only")
+		return 0
+	}
+	dir, err := os.MkdirTemp("", "pg-busybox-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	for _, applet := range []string{"sh", "cp", "mv", "rm", "chmod", "cat", "cut", "grep", "head", "tr", "sleep", "sha256sum", "echo"} {
+		if err := os.Symlink(bb, filepath.Join(dir, applet)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	cmd := exec.Command(os.Args[0], os.Args[1:]...)
+	cmd.Env = append(os.Environ(), "PORTGUARD_TEST_BUSYBOX_DIR="+dir, "PATH="+dir)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "under busybox:", err)
+		return 1
+	}
+	return 0
+}
+
 // fakePlugin writes an executable that prints about like a CNI plugin run without
 // CNI_COMMAND; the line is its identity and makes every fake's content distinct.
 func fakePlugin(t *testing.T, path, about string) {
@@ -59,7 +110,7 @@ func newBed(t *testing.T) *bed {
 // run runs install.sh CMD with env on top of the bed's directory and build v1.
 func (b *bed) run(cmd string, env ...string) (string, error) {
 	b.t.Helper()
-	c := exec.Command("sh", "install.sh", cmd)
+	c := exec.Command(shell, "install.sh", cmd)
 	c.Env = append(os.Environ(), "CNI_BIN_DIR="+b.bin, "PORTGUARD_SRC="+b.src["v1"], "PORTGUARD_AS_PORTMAP=false")
 	c.Env = append(c.Env, env...)
 	out, err := c.CombinedOutput()
@@ -233,7 +284,7 @@ func TestVerifyReportsOverwrittenDropIn(t *testing.T) {
 // says so, and keeps the replacement as the file uninstall restores.
 func TestWatchReassertsTheDropIn(t *testing.T) {
 	b := newBed(t)
-	c := exec.Command("sh", "install.sh", "watch")
+	c := exec.Command(shell, "install.sh", "watch")
 	c.Env = append(os.Environ(), "CNI_BIN_DIR="+b.bin, "PORTGUARD_SRC="+b.src["v1"], "PORTGUARD_AS_PORTMAP=true", "PORTGUARD_WATCH_INTERVAL=1")
 	var out syncBuffer
 	c.Stdout, c.Stderr = &out, &out
