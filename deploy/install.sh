@@ -4,12 +4,13 @@
 # container and "watch" in its long-running container; deploy/uninstall.yaml runs "uninstall";
 # `make install`, `make uninstall` and `make verify-install` run it on the machine itself.
 #
-#   install.sh [install]   put portguard (and, in drop-in mode, portmap) in place
+#   install.sh [install [CNI_BIN_DIR]]   put portguard (and, in drop-in mode, portmap) in place
 #   install.sh verify      exit 0 when the directory holds what "install" puts there, else 1
 #   install.sh watch       install, then every PORTGUARD_WATCH_INTERVAL seconds put back any
 #                          file that stopped being portguard (e.g. a network plugin's installer
 #                          copied its own portmap over the drop-in), and say so on stdout
 #   install.sh uninstall   remove every file "install" wrote and put the saved portmap back
+# Every command takes the CNI binary directory as an optional second argument too.
 #
 # Environment:
 #   CNI_BIN_DIR           the CNI binary directory (default /host/opt/cni/bin, the DaemonSet's
@@ -34,6 +35,7 @@
 # never half of one; uninstall restores portmap with one rename.
 set -eu
 
+if [ $# -ge 2 ]; then CNI_BIN_DIR=$2; fi
 CNI_BIN_DIR=${CNI_BIN_DIR:-/host/opt/cni/bin}
 SRC=${PORTGUARD_SRC:-/opt/portguard/bin/portguard}
 AS_PORTMAP=${PORTGUARD_AS_PORTMAP:-false}

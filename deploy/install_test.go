@@ -367,6 +367,24 @@ func TestRefusesAMissingCNIDirectory(t *testing.T) {
 	}
 }
 
+// The directory can be given as an argument instead of CNI_BIN_DIR.
+func TestDirectoryArgument(t *testing.T) {
+	b := newBed(t)
+	c := exec.Command(shell, "install.sh", "install", b.bin)
+	c.Env = append(os.Environ(), "CNI_BIN_DIR=/nonexistent", "PORTGUARD_SRC="+b.src["v1"], "PORTGUARD_AS_PORTMAP=true")
+	if out, err := c.CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	b.wantFiles("after install", with(original, "portguard", guardV1, "portmap", guardV1,
+		"portmap.pre-portguard", upstream, ".portguard-as-portmap.sha256", "(marker)"))
+	c = exec.Command(shell, "install.sh", "uninstall", b.bin)
+	c.Env = append(os.Environ(), "CNI_BIN_DIR=/nonexistent")
+	if out, err := c.CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	b.wantFiles("after uninstall", original)
+}
+
 func TestBadSettingsAreRefused(t *testing.T) {
 	b := newBed(t)
 	for _, env := range [][]string{{"PORTGUARD_AS_PORTMAP=maybe"}, {"PORTGUARD_WATCH_INTERVAL=0"}, {"PORTGUARD_WATCH_INTERVAL=5s"}, {"PORTGUARD_SRC=/nonexistent"}} {
