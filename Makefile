@@ -74,18 +74,18 @@ test: deps build
 # uninstall puts it back (one rename) and removes every file install wrote.
 PREFIX ?= /usr/local
 install: build
-	CNI_BIN_DIR=$(CNI_BIN) PORTGUARD_SRC=$(BIN)/portguard PORTGUARD_AS_PORTMAP=$(if $(AS_PORTMAP),true,false) \
-		sh deploy/install.sh install
+	PORTGUARD_SRC=$(BIN)/portguard PORTGUARD_AS_PORTMAP=$(if $(AS_PORTMAP),true,false) \
+		sh deploy/install.sh install $(CNI_BIN)
 	install -d $(PREFIX)/bin
 	install -m 0755 $(BIN)/portguardctl $(PREFIX)/bin/portguardctl
 
 uninstall:
-	CNI_BIN_DIR=$(CNI_BIN) sh deploy/install.sh uninstall
+	sh deploy/install.sh uninstall $(CNI_BIN)
 	rm -f $(PREFIX)/bin/portguardctl
 
 verify-install:
-	CNI_BIN_DIR=$(CNI_BIN) PORTGUARD_SRC=$(BIN)/portguard PORTGUARD_AS_PORTMAP=$(if $(AS_PORTMAP),true,false) \
-		sh deploy/install.sh verify
+	PORTGUARD_SRC=$(BIN)/portguard PORTGUARD_AS_PORTMAP=$(if $(AS_PORTMAP),true,false) \
+		sh deploy/install.sh verify $(CNI_BIN)
 
 # Static binaries for every RELEASE_PLATFORMS entry in dist/, each with its `go version -m`
 # build info (<binary>.buildinfo), and SHA256SUMS over all of them. Refuses a modified tree
