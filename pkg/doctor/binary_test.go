@@ -36,6 +36,14 @@ func TestIdentifiesEveryPluginOfTheChain(t *testing.T) {
 	}
 }
 
+// Builds from before the commit was stamped still count as portguard.
+func TestOlderPortguardAboutLine(t *testing.T) {
+	b := Identify("portmap", "/opt/cni/bin/portmap", "portguard 55c7c42 (CNI host ports without stale claims)")
+	if b.Kind != KindPortguard || b.Version != "55c7c42" || b.Commit != "unknown" {
+		t.Fatalf("%+v", b)
+	}
+}
+
 // A drop-in that a network plugin's installer overwrote with upstream portmap is an error
 // whose fix puts portguard back and names the installer setting.
 func TestOverwrittenDropIn(t *testing.T) {

@@ -134,8 +134,12 @@ func Identify(typ, path, about string) *Binary {
 	switch {
 	case about == "":
 	case strings.HasPrefix(about, "portguard "):
+		b.Kind = KindPortguard
 		if v, c, ok := buildinfo.ParseAbout(about); ok {
-			b.Kind, b.Version, b.Commit = KindPortguard, v, c
+			b.Version, b.Commit = v, c
+		} else {
+			// builds before the commit was stamped: "portguard VERSION (CNI host ports ...)"
+			b.Version, b.Commit = strings.Fields(about)[1], "unknown"
 		}
 	case strings.HasPrefix(about, "CNI portmap plugin"):
 		b.Kind = KindUpstreamPortmap
