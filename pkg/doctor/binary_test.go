@@ -42,6 +42,11 @@ func TestOlderPortguardAboutLine(t *testing.T) {
 	if b.Kind != KindPortguard || b.Version != "55c7c42" || b.Commit != "unknown" {
 		t.Fatalf("%+v", b)
 	}
+	for _, about := range []string{"portguard ", "portguard", "portguard x", "portguard is great"} {
+		if b := Identify("portmap", "/p", about); b.Kind != KindUnknown {
+			t.Errorf("%q: %+v", about, b)
+		}
+	}
 }
 
 // A drop-in that a network plugin's installer overwrote with upstream portmap is an error

@@ -134,12 +134,11 @@ func Identify(typ, path, about string) *Binary {
 	switch {
 	case about == "":
 	case strings.HasPrefix(about, "portguard "):
-		b.Kind = KindPortguard
 		if v, c, ok := buildinfo.ParseAbout(about); ok {
-			b.Version, b.Commit = v, c
-		} else {
+			b.Kind, b.Version, b.Commit = KindPortguard, v, c
+		} else if f := strings.Fields(about); len(f) >= 3 && strings.HasPrefix(f[2], "(CNI") {
 			// builds before the commit was stamped: "portguard VERSION (CNI host ports ...)"
-			b.Version, b.Commit = strings.Fields(about)[1], "unknown"
+			b.Kind, b.Version, b.Commit = KindPortguard, f[1], "unknown"
 		}
 	case strings.HasPrefix(about, "CNI portmap plugin"):
 		b.Kind = KindUpstreamPortmap
