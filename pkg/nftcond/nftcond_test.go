@@ -130,6 +130,7 @@ func TestParseRefuses(t *testing.T) {
 		{hostport.V4, []string{"ip saddr 192.0.2.1 }"}, "conditionsV4[0]", "outside an address set"},
 		{hostport.V4, []string{"ip saddr { 192.0.2.1"}, "conditionsV4[0]", "no closing }"},
 		{hostport.V4, []string{"ip saddr { 192.0.2.1 192.0.2.2 }"}, "conditionsV4[0]", "needs , or }"},
+		{hostport.V4, []string{"ip saddr { 192.0.2.1", "drop }"}, "conditionsV4[1]", `"drop" is an nft statement`},
 		{hostport.V4, []string{"ip saddr { }"}, "conditionsV4[0]", "empty set"},
 		{hostport.V4, []string{"ip saddr { { 192.0.2.1 } }"}, "conditionsV4[0]", "not an IPv4 address"},
 		{hostport.V4, []string{"ip6 saddr ::1"}, "conditionsV4[0]", "belongs in conditionsV6"},

@@ -412,6 +412,9 @@ func (p *parser) addrValue(what string) ([]addrRange, error) {
 			if !sep.quoted && sep.text == "}" {
 				break
 			}
+			if !sep.quoted && statements[sep.text] {
+				return nil, p.refuseWord(sep, "a set separator")
+			}
 			if sep.quoted || sep.text != "," {
 				return nil, p.errf(sep.item, "%s: %q where a set needs , or }", what, sep.text)
 			}
