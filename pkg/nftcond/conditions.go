@@ -207,7 +207,9 @@ type SetAdder interface {
 // has to be kept or cleaned up; one rule keeps one lookup however many values (no rule
 // per value, no cross product of several sets), and the set lives in the same batch as
 // its rule (call Exprs once per rule, before AddRule, and flush them together).
-// The expressions use register 1. Empty conditions give no expressions.
+// Matches without an address (interface, mark) check no family: in an inet table the
+// rule's own statement (e.g. dnat ip to ...) must pin it. The expressions use register
+// 1. Empty conditions give no expressions.
 func (c Conditions) Exprs(t *nftables.Table, sets SetAdder) ([]expr.Any, error) {
 	var out []expr.Any
 	dep := false

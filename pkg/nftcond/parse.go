@@ -42,6 +42,10 @@ const (
 	MaxSetEntries = 256  // values in one address set
 )
 
+// maxToken bounds a word: the longest value accepted, an IPv6 range in IPv4-embedded
+// notation, has 91 bytes. It also keeps the words quoted in errors short.
+const maxToken = 100
+
 // accepted is the summary every refusal ends with.
 const accepted = "accepted: ip|ip6 saddr|daddr [==|!=] ADDRESS|PREFIX|RANGE|{ ... }; iifname|oifname [==|!=] NAME or \"PREFIX*\"; meta mark [==|!=] N; meta mark & MASK [==|!=] N"
 
@@ -162,11 +166,14 @@ func (p *parser) lex(i int, s string) error {
 		case b == '"':
 			end := strings.IndexByte(s[j+1:], '"')
 			if end < 0 {
-				return p.errf(i, "unterminated quote in %q", s)
+				return p.errf(i, "unterminated quote at offset %d", j)
 			}
 			q := s[j+1 : j+1+end]
+			if len(q) > maxToken {
+				return p.errf(i, "a quoted string of %d bytes; no name is longer than 15", len(q))
+			}
 			if strings.ContainsAny(q, "\\") {
-				return p.errf(i, "%q: escapes in quoted names are refused", s)
+				return p.errf(i, "%q: escapes in quoted names are refused", q)
 			}
 			p.toks = append(p.toks, token{text: q, item: i, quoted: true})
 			j += end + 2
@@ -174,6 +181,9 @@ func (p *parser) lex(i int, s string) error {
 			k := j
 			for k < len(s) && wordByte(s[k]) {
 				k++
+			}
+			if k-j > maxToken {
+				return p.errf(i, "a word of %d bytes at offset %d; no address, range, name or number is longer than %d", k-j, j, maxToken)
 			}
 			p.toks = append(p.toks, token{text: s[j:k], item: i})
 			j = k
