@@ -244,6 +244,11 @@ func TestNFTablesConditionsParsedIntoExpressions(t *testing.T) {
 	if got := c.NFTConditions[hostport.V6].String(); got != "ip6 daddr != fd00::/8" {
 		t.Errorf("conditionsV6: %q", got)
 	}
+	// Upstream's own test config (portmap_test.go, "allows nftables conditions").
+	c, err = parse(t, `"backend":"nftables","conditionsV4":["ip","saddr","1.2.3.4"],"conditionsV6":["ip6","saddr","12::34"]`)
+	if err != nil || c.NFTConditions[hostport.V4].String() != "ip saddr 1.2.3.4" || c.NFTConditions[hostport.V6].String() != "ip6 saddr 12::34" {
+		t.Errorf("upstream's example: %v, %v", c, err)
+	}
 	for _, body := range []string{`"backend":"nftables"`, `"backend":"nftables","conditionsV4":[""]`, `"backend":"nftables","conditionsV6":[]`} {
 		c, err := parse(t, body)
 		if err != nil || len(c.NFTConditions) != 0 {
