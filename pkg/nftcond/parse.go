@@ -315,6 +315,9 @@ func (p *parser) ifname(key string) (match, error) {
 		return m, p.errf(t.item, "%s needs an interface name", key)
 	}
 	if !t.quoted && (t.text == "{" || statements[t.text] || t.text == "}" || t.text == ",") {
+		// google/nftables v0.3.0 marks every anonymous set's key big-endian, so nft
+		// would list a set of names (host-order strings) as { "", "" }: measured; and
+		// nft itself cannot list a set of adjacent wildcards ({ "b*", "c*" } gives ""/7).
 		if t.text == "{" {
 			return m, p.errf(t.item, "%s: sets of names are not accepted; give one name per match", key)
 		}
