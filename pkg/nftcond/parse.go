@@ -90,7 +90,7 @@ func (p *parser) errf(item int, format string, a ...any) *Error {
 
 // Parse reads one family's conditions. field names the list in errors ("conditionsV4");
 // f is the family of the rules the conditions guard. nil, an empty list and a list of
-// empty strings give no conditions (Empty). The error is an *Error.
+// empty strings give no conditions (Empty). The error is an *Error, with no conditions.
 func Parse(field string, f hostport.Family, conds []string) (Conditions, error) {
 	c := Conditions{family: f}
 	if f != hostport.V4 && f != hostport.V6 {
@@ -109,16 +109,16 @@ func Parse(field string, f hostport.Family, conds []string) (Conditions, error) 
 	p := &parser{field: field, fam: f}
 	for i, s := range conds {
 		if err := p.lex(i, s); err != nil {
-			return c, err
+			return Conditions{family: f}, err
 		}
 	}
 	for p.pos < len(p.toks) {
 		if len(c.matches) == MaxMatches {
-			return c, p.errf(p.toks[p.pos].item, "more than %d matches", MaxMatches)
+			return Conditions{family: f}, p.errf(p.toks[p.pos].item, "more than %d matches", MaxMatches)
 		}
 		m, err := p.match()
 		if err != nil {
-			return c, err
+			return Conditions{family: f}, err
 		}
 		c.matches = append(c.matches, m)
 	}
