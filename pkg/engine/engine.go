@@ -88,18 +88,31 @@ func (e *Engine) netlinkFor(f hostport.Family) bool {
 	return err1 == nil && err2 == nil && nft.Usable(f, list, restore)
 }
 
-// lock takes the host-wide lock and hands it to every iptables child, so that a child
-// outliving a killed plugin keeps it until its payload has landed.
+// lock takes the host-wide lock for the engine's runner (Hold); a lock not had in time is
+// CNI error 11, which a runtime may retry.
 func (e *Engine) lock(mode ...lock.Mode) (*lock.Lock, error) {
 	m := lock.Exclusive
 	if len(mode) > 0 {
 		m = mode[0]
 	}
-	l, err := lock.Acquire(e.LockPath, m, e.LockTimeout)
+	l, err := Hold(e.Runner, e.LockPath, m, e.LockTimeout)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
 	}
-	if x, ok := e.Runner.(*iptables.Exec); ok {
+	return l, nil
+}
+
+// Hold takes the host-wide lock at path in mode, waiting up to timeout (errors as
+// lock.Acquire), and hands it to every iptables child r starts (when r runs the real
+// binaries), so that a child outliving a killed caller keeps the lock until its payload
+// has landed. Every writer of the nat table (plugin verbs, portguardctl repair) takes the
+// lock through here.
+func Hold(r iptables.Runner, path string, mode lock.Mode, timeout time.Duration) (*lock.Lock, error) {
+	l, err := lock.Acquire(path, mode, timeout)
+	if err != nil {
+		return nil, err
+	}
+	if x, ok := r.(*iptables.Exec); ok {
 		x.Inherit = []*os.File{l.File()}
 	}
 	return l, nil
