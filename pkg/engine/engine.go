@@ -193,47 +193,53 @@ func podDesired(c *config.Config, owner hostport.Owner) []plan.Desired {
 // exclusive lock on each host port it claims, so the reads, plans and writes of two ADDs
 // on one port never interleave, and ADDs on other ports only meet in the few jumps of a
 // victim that held both ports, where the later payload fails whole and is planned again.
-// The one write that needs the node to itself, creating or restoring the shared layout,
-// is done under the exclusive lock, as are GC and repair.
+// The writes that need the node to themselves (creating or restoring the shared layout, a
+// jump rewritten at a position a concurrent writer would shift) are done under the
+// exclusive lock, as are GC and repair. An ADD that finds it needs the exclusive lock
+// upgrades to it and keeps its port locks meanwhile, also when it has already applied one
+// family: no other ADD of its ports sees half of it.
 func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover, err error) {
 	defer func() { err = cniError(err) }()
 	ds := podDesired(c, owner)
 	if len(ds) == 0 {
 		return nil, nil
 	}
-	t, err := e.add(ds, c.Policy, true)
-	if errors.Is(err, errNeedExclusive) {
-		t, err = e.add(ds, c.Policy, false)
-	}
-	return t, err
-}
-
-// errNeedExclusive: the plan must create shared layout, which only an exclusive holder may.
-var errNeedExclusive = errors.New("shared layout must be created under the exclusive lock")
-
-func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Takeover, error) {
-	mode := lock.Exclusive
-	if parallel {
-		mode = lock.Shared
-	}
-	l, err := e.lock(mode)
+	l, err := e.lock(lock.Shared)
 	if err != nil {
 		return nil, err
 	}
 	defer l.Release()
 	defer e.closeNetlink() // before the lock goes
-	if parallel {
-		if err := l.Ports(portKeys(ds), e.LockTimeout); err != nil {
-			return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
-		}
+	if err := l.Ports(portKeys(ds), e.LockTimeout); err != nil {
+		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
 	}
+	t, err := e.add(ds, c.Policy, true)
+	if !errors.Is(err, errNeedExclusive) {
+		return t, err
+	}
+	e.closeNetlink() // nothing of this call may still be at work in nf_tables meanwhile
+	if err := l.Upgrade(e.LockTimeout); err != nil {
+		return t, types.NewError(types.ErrTryAgainLater, err.Error(), "")
+	}
+	more, err := e.add(ds, c.Policy, false)
+	return append(t, more...), err
+}
+
+// errNeedExclusive: the plan must write what only an exclusive holder may (see Add).
+var errNeedExclusive = errors.New("the plan must be applied under the exclusive lock")
+
+// add plans every family, then applies them, with the lock Add holds: parallel says it is
+// the shared one (plus the ports), and then a plan that needs the exclusive lock ends the
+// call with errNeedExclusive (after the families already applied, whose takeovers are
+// returned).
+func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Takeover, error) {
 	var pending []addPlan
 	for _, d := range ds {
 		p, err := e.planAdd(d, policy)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", d.Family, err)
 		}
-		if parallel && p.res.SharedChanges {
+		if parallel && needsExclusive(p.res) {
 			return nil, errNeedExclusive
 		}
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
@@ -251,6 +257,9 @@ func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Ta
 	}
 	return all, nil
 }
+
+// needsExclusive tells a plan that only an exclusive holder may apply.
+func needsExclusive(r plan.Result) bool { return r.SharedChanges || r.Positioned }
 
 // portKeys numbers the host ports the attachment claims, one lock byte each: the family,
 // protocol and port; not the host IP, so overlapping claims always share a key.
@@ -321,7 +330,7 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
 			return done, rejectError(p.d, p.res.Conflicts)
 		}
-		if parallel && p.res.SharedChanges {
+		if parallel && needsExclusive(p.res) {
 			return done, errNeedExclusive
 		}
 		err := Apply(e.Runner, p.d.Family, p.res.Tx)

@@ -168,6 +168,9 @@ func (s *State) AttachmentsSorted() []*Attachment {
 	return out
 }
 
+// ParseJump reads a rule of CNI-HOSTPORT-DNAT as a Jump (Index left 0).
+func ParseJump(r iptables.Rule) Jump { return parseJump(r) }
+
 func parseJump(r iptables.Rule) Jump {
 	j := Jump{Rule: r, Target: r.Target(), Proto: r.Value("-p", "--protocol")}
 	if o, ok := hostport.ParseComment(r.Value("--comment")); ok {
