@@ -197,14 +197,17 @@ func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired, inPlace bool
 		tx.RemoveChain(v.a.Chain, why)
 		return t, false
 	}
-	// The victim keeps a chain only because it keeps these mappings. An ADD of another port
-	// may be taking them at the same moment (ADDs of different ports run in parallel), and
-	// two partial takeovers would leave an empty chain behind: assert that they are still
-	// there, so the later payload fails whole and is planned again, then as a removal.
-	for _, m := range v.kept {
-		for _, r := range m.Rules {
-			tx.CheckRule(r, fmt.Sprintf("%s still holds %s", v.a.Chain, m.Claim))
-		}
+	// The victim keeps a chain only because it keeps other mappings. ADDs of other ports
+	// may be taking those at the same moment (ADDs of different ports run in parallel),
+	// and partial takeovers that together take everything would leave an empty chain
+	// behind. One kept rule asserted is enough to stop that: the takers' ports are
+	// disjoint (they hold different port locks), so when they take all of the victim, the
+	// rule each asserts belongs to what the others take, and the last payload to land
+	// finds its rule gone, fails whole and is planned again, then as a removal. (Asserting
+	// every kept rule cost one search of the chain per rule: minutes for a port range.)
+	// Two takers that rewrite one jump conflict on its -D anyway.
+	if r, ok := keptRule(v); ok {
+		tx.CheckRule(r, fmt.Sprintf("%s still holds what it keeps", v.a.Chain))
 	}
 	lostPort := map[string]bool{}
 	for _, m := range v.lost {
@@ -247,6 +250,17 @@ func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired, inPlace bool
 		dnat.delete(j.Rule)
 	}
 	return t, positioned
+}
+
+// keptRule is the rule a partial takeover asserts the victim still has: the last rule
+// (the DNAT) of its first kept mapping.
+func keptRule(v victim) (iptables.Rule, bool) {
+	for _, m := range v.kept {
+		if len(m.Rules) > 0 {
+			return m.Rules[len(m.Rules)-1], true
+		}
+	}
+	return iptables.Rule{}, false
 }
 
 // overlapsLater tells whether any of the rules (those after a victim's jump) may match
