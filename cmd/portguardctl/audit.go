@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
@@ -17,12 +18,15 @@ import (
 const auditHelp = `Usage: portguardctl audit [-o table|json|prometheus] [--family 4|6|all]
 
 Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
-claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain) and which one
-receives the traffic, then every problem with its fix:
+claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain), which one
+receives the traffic, and whether its owner is alive, stale or unknown (a record of the
+attachment in portguard's records or the libcni cache names a netns that exists, a process
+lives in it and its interface holds the destination), then every problem with its fix:
   shadowed-claim      an earlier conflicting claim wins; this pod never gets the port
   duplicate-jump      the same jump twice in CNI-HOSTPORT-DNAT
   orphan-chain        a CNI-DN chain no jump enters (leaked by a DEL)
   port-mismatch       a jump's ports and its chain's DNAT ports disagree
+  address-reused      a claim whose owner is gone forwards to an address a live pod now holds
   missing-entry-jump  PREROUTING/OUTPUT do not enter CNI-HOSTPORT-DNAT
   missing-setmark, missing-masq, missing-masq-jump
                       chains mark packets for masquerade but the mark/masquerade is gone
@@ -58,10 +62,15 @@ func observeAll(r iptables.Runner, ff *familyFlag) ([]*state.State, []plan.Famil
 	return states, unavailable, nil
 }
 
+// auditStates audits each state and judges every claim's owner (pkg/liveness: portguard's
+// records, the libcni cache, namespaces, processes, addresses).
 func auditStates(states []*state.State, unavailable []plan.FamilyAudit) plan.AuditReport {
 	var fas []plan.FamilyAudit
+	j := liveness.New()
 	for _, s := range states {
-		fas = append(fas, plan.Audit(s))
+		fa := plan.Audit(s)
+		fa.JudgeOwners(j)
+		fas = append(fas, fa)
 	}
 	return plan.NewAuditReport(append(fas, unavailable...))
 }
@@ -124,7 +133,7 @@ func dash(s string) string {
 
 func renderTable(w io.Writer, rep plan.AuditReport) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "FAMILY\tPROTO\tHOST PORT\tRULE\tNETWORK\tCONTAINER\tDESTINATION\tCHAIN\tSTATUS")
+	fmt.Fprintln(tw, "FAMILY\tPROTO\tHOST PORT\tRULE\tNETWORK\tCONTAINER\tDESTINATION\tCHAIN\tSTATUS\tOWNER")
 	rows := 0
 	for _, fa := range rep.Families {
 		for _, pc := range fa.Ports {
@@ -137,9 +146,13 @@ func renderTable(w io.Writer, rep plan.AuditReport) error {
 				if c.Status == plan.StatusShadowed {
 					status = "shadowed by " + c.ShadowedBy
 				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", fa.Family, pc.Protocol,
+				owner := dash(c.OwnerState)
+				if c.Evidence != nil && c.Evidence.PID != 0 {
+					owner += fmt.Sprintf(" (pid %d)", c.Evidence.PID)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", fa.Family, pc.Protocol,
 					fmt.Sprintf("%s:%d", host, pc.HostPort), c.Position, dash(c.Network), shortID(c.ContainerID),
-					dash(c.Destination), c.Chain, status)
+					dash(c.Destination), c.Chain, status, owner)
 				rows++
 			}
 		}
@@ -195,6 +208,9 @@ var metrics = []metric{
 	{"portguard_port_mismatches", "Chains whose jump ports and DNAT ports disagree.", func(s plan.AuditSummary) int { return s.PortMismatches }},
 	{"portguard_missing_entry_jumps", "Missing PREROUTING/OUTPUT jumps to CNI-HOSTPORT-DNAT while claims exist.", func(s plan.AuditSummary) int { return s.MissingEntryJumps }},
 	{"portguard_missing_masquerade_rules", "Missing SETMARK/MASQ rules or POSTROUTING jump while chains mark packets.", func(s plan.AuditSummary) int { return s.MissingMasquerade }},
+	{"portguard_address_reuses", "Claims whose destination address now belongs to another live attachment.", func(s plan.AuditSummary) int { return s.AddressReuses }},
+	{"portguard_alive_owner_claims", "Claims whose owner was judged alive (netns, process and address present).", func(s plan.AuditSummary) int { return s.AliveOwners }},
+	{"portguard_stale_owner_claims", "Claims whose owner was judged stale (no record, or netns, process or address gone).", func(s plan.AuditSummary) int { return s.StaleOwners }},
 	{"portguard_problems", "Problems found by the audit.", func(s plan.AuditSummary) int { return s.Problems }},
 }
 

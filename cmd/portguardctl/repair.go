@@ -9,6 +9,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/lock"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
@@ -92,8 +93,9 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	}
 	var plans []planned
 	unknown := map[hostport.Owner]int{}
+	judge := liveness.New()
 	for _, s := range states {
-		res, err := plan.Repair(s, keep)
+		res, err := plan.Repair(s, keep, judge)
 		if err != nil {
 			return usageError{err.Error()}
 		}

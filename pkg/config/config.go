@@ -19,8 +19,16 @@ import (
 )
 
 // Conflict policies for a host port already claimed by another owner.
+//
+//   - takeover (default): take over claims whose owners are stale (pkg/liveness); refuse the
+//     ADD, changing nothing, when any conflicting owner is alive or cannot be judged;
+//   - force: take over every conflicting claim, even a live owner's (unsafe: that
+//     container loses its port);
+//   - reject: refuse the ADD on any conflicting claim;
+//   - allow: install beside the other claims (the newest first) and remove none.
 const (
 	PolicyTakeover = "takeover"
+	PolicyForce    = "force"
 	PolicyReject   = "reject"
 	PolicyAllow    = "allow"
 )
@@ -59,6 +67,9 @@ type NetConf struct {
 	ConflictPolicy string `json:"conflictPolicy,omitempty"`
 	LogFile        string `json:"logFile,omitempty"`
 	LockTimeout    *int   `json:"lockTimeout,omitempty"`
+	// CNICacheDir is one more libcni cache directory (holding results/) to read as
+	// evidence of live owners, for a runtime whose cache is not in /var/lib/cni.
+	CNICacheDir string `json:"cniCacheDir,omitempty"`
 }
 
 // Mapping is a validated port mapping.
@@ -92,6 +103,7 @@ type Config struct {
 	Policy               string
 	LogFile              string
 	LockTimeout          time.Duration
+	CNICacheDir          string // "" or an absolute path
 	PrevResult           *current.Result
 	// PodIPs is the container address per family, taken from prevResult as upstream does.
 	PodIPs map[hostport.Family]netip.Prefix
@@ -184,10 +196,14 @@ func Parse(stdin []byte, ifName string) (*Config, error) {
 	switch raw.ConflictPolicy {
 	case "", PolicyTakeover:
 		c.Policy = PolicyTakeover
-	case PolicyReject, PolicyAllow:
+	case PolicyForce, PolicyReject, PolicyAllow:
 		c.Policy = raw.ConflictPolicy
 	default:
-		return nil, invalid("conflictPolicy", "unknown policy %q (want takeover, reject or allow)", truncate(raw.ConflictPolicy))
+		return nil, invalid("conflictPolicy", "unknown policy %q (want takeover, force, reject or allow)", truncate(raw.ConflictPolicy))
+	}
+	c.CNICacheDir = raw.CNICacheDir
+	if c.CNICacheDir != "" && (!strings.HasPrefix(c.CNICacheDir, "/") || iptables.CheckArg(c.CNICacheDir) != nil) {
+		return nil, invalid("cniCacheDir", "%q must be an absolute path without control characters", truncate(c.CNICacheDir))
 	}
 	c.LogFile = raw.LogFile
 	if c.LogFile != "" && !strings.HasPrefix(c.LogFile, "/") {

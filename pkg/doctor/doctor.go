@@ -22,6 +22,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
@@ -141,6 +142,7 @@ func Run(env Env) Report {
 	d.otherBackend(usable)
 	states := map[hostport.Family]*state.State{}
 	var audits []plan.FamilyAudit
+	judge := liveness.New()
 	for _, f := range hostport.Families {
 		if !usable[f] {
 			continue
@@ -152,7 +154,9 @@ func Run(env Env) Report {
 			continue
 		}
 		states[f] = s
-		audits = append(audits, plan.Audit(s))
+		fa := plan.Audit(s)
+		fa.JudgeOwners(judge)
+		audits = append(audits, fa)
 	}
 	d.sysctls(mainType, states)
 	rep.Audit = plan.NewAuditReport(audits)

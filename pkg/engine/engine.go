@@ -6,6 +6,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/lock"
 	"github.com/portguard/portguard/pkg/nft"
 	"github.com/portguard/portguard/pkg/plan"
@@ -34,6 +36,14 @@ type Engine struct {
 	// only writer of rules.
 	Netlink bool
 	nl      *nft.Conn // opened on first use, closed by closeNetlink
+	// Judge gathers the evidence that decides whether a conflicting owner is alive
+	// (conflictPolicy takeover) and keeps portguard's records of its attachments
+	// (Judge.Records). nil judges nobody: every conflicting owner counts as stale and no
+	// record is kept (portguardctl, tests of the planner's mechanics).
+	Judge *liveness.Judge
+	// Sandbox is where the attachment ADD installs lives (CNI_NETNS, CNI_IFNAME); ADD
+	// records it, with the pod addresses, before its rules go in.
+	Sandbox liveness.Record
 }
 
 // New returns an engine that runs the real iptables binaries.
@@ -247,6 +257,16 @@ func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Ta
 		}
 		pending = append(pending, p)
 	}
+	// Every family is judged before any is applied: a live owner in one family leaves the
+	// other untouched too.
+	for i := range pending {
+		if err := e.judgeVictims(&pending[i], policy); err != nil {
+			return nil, err
+		}
+	}
+	if err := e.record(ds); err != nil {
+		return nil, err
+	}
 	var all []plan.Takeover
 	for _, p := range pending {
 		t, err := e.applyAdd(p, policy, parallel)
@@ -339,6 +359,7 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 				if e.OnTakeover != nil {
 					e.OnTakeover(t)
 				}
+				e.forgetVictim(t)
 			}
 			done = append(done, p.res.Takeovers...)
 			if !p.s.SharedShown || attempt == attempts {
@@ -361,6 +382,9 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 		if p.res, err = planWith(e.Runner, p.s, func(s *state.State) plan.Result { return plan.Add(s, p.d, policy) }); err != nil {
 			return done, err
 		}
+		if err := e.judgeVictims(&p, policy); err != nil {
+			return done, err
+		}
 	}
 }
 
@@ -369,7 +393,7 @@ func rejectError(d plan.Desired, cs []plan.Conflict) error {
 	for _, c := range cs {
 		parts = append(parts, c.String())
 	}
-	return types.NewError(types.ErrInvalidNetworkConfig,
+	return types.NewError(ErrHostPortInUse,
 		fmt.Sprintf("conflictPolicy reject: host port already claimed: %s", strings.Join(parts, "; ")),
 		"remove the other attachment (CNI DEL or portguardctl repair) or use conflictPolicy takeover")
 }
@@ -424,6 +448,9 @@ func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 		}
 	}
 	e.closeNetlink()
+	if len(slow) == 0 && len(errs) == 0 {
+		e.forget(owner)
+	}
 	l.Release()
 	if len(slow) > 0 {
 		if l, err = e.lock(); err != nil {
@@ -443,6 +470,9 @@ func (e *Engine) Del(c *config.Config, owner hostport.Owner) (err error) {
 	}
 	if tried > 0 && usable == 0 {
 		return fmt.Errorf("neither iptables nor ip6tables is usable")
+	}
+	if len(slow) > 0 && len(errs) == 0 {
+		e.forget(owner) // still under the exclusive lock
 	}
 	return errors.Join(errs...)
 }
@@ -570,7 +600,14 @@ func (e *Engine) GC(network string, valid map[string]bool, cached []hostport.Own
 			if !seen[o] {
 				seen[o] = true
 				removed = append(removed, o)
+				e.forget(o)
 			}
+		}
+	}
+	// Records of this network's attachments that are not valid go too, claims or not.
+	for _, o := range suspects {
+		if o.Network == network && !valid[o.ContainerID] {
+			e.forget(o)
 		}
 	}
 	return removed, errors.Join(errs...)
@@ -596,4 +633,91 @@ func (e *Engine) Status() error {
 		return types.NewError(types.ErrPluginNotAvailable, "iptables is not usable: "+strings.Join(errs, "; "), "")
 	}
 	return nil
+}
+
+// ErrHostPortInUse is the CNI error code of an ADD refused because another attachment holds
+// one of its host ports: its owner is alive (conflictPolicy takeover) or any owner
+// (conflictPolicy reject). The spec's codes 1-99 have none for a busy resource: 7 (invalid
+// network config) would send the operator to a config that is fine, and 11 (try again
+// later) invites retries that fail for as long as the owner lives; codes from 100 are the
+// plugin's own.
+const ErrHostPortInUse = 100
+
+// judgeVictims gathers evidence on every owner p takes claims from and attaches it to the
+// takeover. Under conflictPolicy takeover an owner that is alive, or cannot be judged,
+// refuses the whole ADD before anything is applied.
+func (e *Engine) judgeVictims(p *addPlan, policy string) error {
+	if e.Judge == nil || (policy != config.PolicyTakeover && policy != config.PolicyForce) {
+		return nil
+	}
+	var live []string
+	for i := range p.res.Takeovers {
+		t := &p.res.Takeovers[i]
+		var dest netip.Addr
+		if len(t.Destinations) > 0 {
+			if ap, err := netip.ParseAddrPort(t.Destinations[0]); err == nil {
+				dest = ap.Addr()
+			}
+		}
+		ev := e.Judge.Owner(t.From, dest)
+		t.Evidence = &ev
+		if ev.State == liveness.Stale || policy == config.PolicyForce {
+			continue
+		}
+		for _, c := range p.res.Conflicts {
+			if c.Owner == t.From && c.Chain == t.Chain {
+				live = append(live, fmt.Sprintf("%s is held by %s (-> %s), judged %s: %s", c.Claim, ownerName(c), c.Dest, ev.State, evidenceText(ev)))
+			}
+		}
+	}
+	if len(live) == 0 {
+		return nil
+	}
+	return types.NewError(ErrHostPortInUse,
+		"host port in use by a live attachment: "+strings.Join(live, "; "),
+		"stop or DEL the other container first; conflictPolicy force takes the port even from a live owner")
+}
+
+func ownerName(c plan.Conflict) string {
+	if c.Owner.IsZero() {
+		return "chain " + c.Chain
+	}
+	return c.Owner.String()
+}
+
+func evidenceText(ev liveness.Evidence) string {
+	s := ev.Reason
+	if ev.Source != "" {
+		s += " (record: " + ev.Source + ")"
+	}
+	return s
+}
+
+// forgetVictim drops the record of an owner whose claims a takeover removed after judging
+// it stale: nothing of it lives, and its record would only be read again.
+func (e *Engine) forgetVictim(t plan.Takeover) {
+	if e.Judge != nil && t.ChainRemoved && t.Evidence != nil && t.Evidence.State == liveness.Stale {
+		_ = e.Judge.Records.Remove(t.From)
+	}
+}
+
+// record writes portguard's record of the attachment ADD installs, under the lock and
+// before its rules, so that a claim never exists without the evidence that its owner lives.
+func (e *Engine) record(ds []plan.Desired) error {
+	if e.Judge == nil || e.Sandbox.Netns == "" || len(ds) == 0 {
+		return nil
+	}
+	r := e.Sandbox
+	r.Owner, r.Addrs = ds[0].Owner, nil
+	for _, d := range ds {
+		r.Addrs = append(r.Addrs, d.PodIP.Addr())
+	}
+	return e.Judge.Records.Put(r)
+}
+
+// forget removes the attachment's record once its rules are gone.
+func (e *Engine) forget(o hostport.Owner) {
+	if e.Judge != nil {
+		_ = e.Judge.Records.Remove(o)
+	}
 }

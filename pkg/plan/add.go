@@ -8,6 +8,7 @@ import (
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/state"
 )
 
@@ -20,6 +21,9 @@ type Takeover struct {
 	Destinations []string         `json:"destinations"`
 	ChainRemoved bool             `json:"chainRemoved"`
 	For          hostport.Owner   `json:"for"`
+	// Evidence is why the victim was judged stale (or, under conflictPolicy force, what
+	// was known of it); nil when nobody judged it.
+	Evidence *liveness.Evidence `json:"evidence,omitempty"`
 }
 
 // Conflict is another owner's mapping that overlaps a wanted claim.

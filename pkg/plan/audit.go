@@ -9,6 +9,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/state"
 )
 
@@ -50,6 +51,9 @@ type AuditClaim struct {
 	Destination string `json:"destination"` // pod IP:port; "" when the chain has no DNAT for the port
 	Status      string `json:"status"`
 	ShadowedBy  string `json:"shadowedBy,omitempty"` // chain of the winning claim
+	// OwnerState is "alive", "stale" or "unknown" (pkg/liveness); "" when not judged.
+	OwnerState string             `json:"ownerState,omitempty"`
+	Evidence   *liveness.Evidence `json:"evidence,omitempty"`
 
 	owner hostport.Owner
 	a     *state.Attachment
@@ -89,6 +93,9 @@ type AuditSummary struct {
 	PortMismatches    int `json:"portMismatches"`
 	MissingEntryJumps int `json:"missingEntryJumps"`
 	MissingMasquerade int `json:"missingMasquerade"`
+	AddressReuses     int `json:"addressReuses"`
+	AliveOwners       int `json:"aliveOwners"` // claims whose owner was judged alive
+	StaleOwners       int `json:"staleOwners"` // claims whose owner was judged stale
 	Problems          int `json:"problems"`
 }
 
@@ -146,13 +153,19 @@ type analysis struct {
 	markBit   int
 	unknown   []hostport.Owner // --keep owners without a claim in this family
 	conflicts []string         // --keep owners that conflict with each other
+	// spare are claims repair must keep although they lose their port: their owner is
+	// alive and so is the winner's (neither named by --keep); liveContests says so.
+	spare        map[*AuditClaim]bool
+	liveContests []string
 }
 
 // analyze models every claim. lastWins decides contested ports among owners not in keep:
 // false is the kernel's view (the first jump wins; audit), true keeps the last jump
-// (repair: upstream portmap appends, so the last claim is the newest one).
-func analyze(s *state.State, keep map[hostport.Owner]bool, lastWins bool) *analysis {
-	an := &analysis{s: s, jumpOnly: map[string][]string{}, dnatOnly: map[string][]string{}, markBit: markBit(s)}
+// (repair: upstream portmap appends, so the last claim is the newest one), after the
+// claims of owners j judges alive or cannot judge (nil j: none).
+func analyze(s *state.State, keep map[hostport.Owner]bool, lastWins bool, j Liveness) *analysis {
+	an := &analysis{s: s, jumpOnly: map[string][]string{}, dnatOnly: map[string][]string{}, markBit: markBit(s),
+		spare: map[*AuditClaim]bool{}}
 	seen := map[string]bool{}
 	for _, j := range s.Jumps {
 		if !j.IsClaim() {
@@ -198,7 +211,7 @@ func analyze(s *state.State, keep map[hostport.Owner]bool, lastWins bool) *analy
 	for _, c := range an.claims {
 		c.Network, c.ContainerID = c.owner.Network, c.owner.ContainerID
 	}
-	an.resolve(keep, lastWins)
+	an.resolve(keep, lastWins, j)
 
 	for _, a := range s.AttachmentsSorted() {
 		if !a.Exists {
@@ -233,33 +246,51 @@ func analyze(s *state.State, keep map[hostport.Owner]bool, lastWins bool) *analy
 	return an
 }
 
-// resolve decides which claims win: claims of kept owners first (in jump order), then
-// every other claim in jump order (reversed when lastWins); a claim that conflicts with one
-// already winning is shadowed by it. Without keep and lastWins this is exactly what the
-// kernel does: the first matching jump of CNI-HOSTPORT-DNAT gets the packet.
-func (an *analysis) resolve(keep map[hostport.Owner]bool, lastWins bool) {
+// resolve decides which claims win: claims of kept owners first (in jump order), then,
+// with j, claims of owners alive or not judgeable, then every other claim, each tier in
+// jump order (reversed when lastWins); a claim that conflicts with one already winning is
+// shadowed by it. Without keep, j and lastWins this is exactly what the kernel does: the
+// first matching jump of CNI-HOSTPORT-DNAT gets the packet. A live claim shadowed by
+// another live claim is spared: which of two live pods keeps a port is the operator's
+// call (--keep), never repair's.
+func (an *analysis) resolve(keep map[hostport.Owner]bool, lastWins bool, j Liveness) {
+	const kept, live, rest = 0, 1, 2
+	tier := func(c *AuditClaim) int {
+		switch {
+		case keep[c.owner]:
+			return kept
+		case protected(j, c):
+			return live
+		}
+		return rest
+	}
 	var winners []*AuditClaim
 	found := map[hostport.Owner]bool{}
-	pass := func(kept bool) {
+	for t := kept; t <= rest; t++ {
 		order := an.claims
-		if lastWins && !kept {
+		if lastWins && t != kept {
 			order = make([]*AuditClaim, len(an.claims))
 			for i, c := range an.claims {
 				order[len(an.claims)-1-i] = c
 			}
 		}
 		for _, c := range order {
-			if c.Status == StatusNoDNAT || keep[c.owner] != kept {
+			if c.Status == StatusNoDNAT || tier(c) != t {
 				continue
 			}
-			if kept {
+			if t == kept {
 				found[c.owner] = true
 			}
 			c.Status = StatusWins
 			for _, w := range winners {
 				if w.a != c.a && w.m.Claim.Conflicts(c.m.Claim) {
-					if kept {
+					switch {
+					case t == kept:
 						an.conflicts = append(an.conflicts, fmt.Sprintf("%s and %s both claim %s", w.owner, c.owner, c.m.Claim))
+					case t == live && tier(w) == live:
+						an.spare[c] = true
+						an.liveContests = append(an.liveContests, fmt.Sprintf("%s: %s has several live claimants, %s and %s; left alone: choose one with --keep",
+							an.s.Family, c.m.Claim, ownerText(w.owner, w.Chain), ownerText(c.owner, c.Chain)))
 					}
 					c.Status, c.ShadowedBy = StatusShadowed, w.Chain
 					break
@@ -270,8 +301,6 @@ func (an *analysis) resolve(keep map[hostport.Owner]bool, lastWins bool) {
 			}
 		}
 	}
-	pass(true)
-	pass(false)
 	for o := range keep {
 		if !found[o] {
 			an.unknown = append(an.unknown, o)
@@ -357,7 +386,7 @@ func ownerText(o hostport.Owner, chain string) string {
 // Audit reports every claim per host port and every problem in one family's nat table.
 // The state must be complete (state.ObserveAll).
 func Audit(s *state.State) FamilyAudit {
-	an := analyze(s, nil, false)
+	an := analyze(s, nil, false, nil)
 	fa := FamilyAudit{Family: s.Family, Available: true, Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
 
 	byPort := map[string]*PortClaims{}

@@ -194,7 +194,7 @@ func applyTx(t *testing.T, text string, tx *iptables.Tx) string {
 
 func TestRepairBlogState(t *testing.T) {
 	text := blogState(t)
-	res, err := Repair(stateOf(t, text), nil)
+	res, err := Repair(stateOf(t, text), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +213,7 @@ func TestRepairBlogState(t *testing.T) {
 		}
 	}
 	// --keep the first claim instead.
-	res, err = Repair(stateOf(t, text), map[hostport.Owner]bool{ownerOld: true})
+	res, err = Repair(stateOf(t, text), map[hostport.Owner]bool{ownerOld: true}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -225,10 +225,10 @@ func TestRepairBlogState(t *testing.T) {
 
 func TestRepairKeepConflictAndUnknown(t *testing.T) {
 	text := blogState(t)
-	if _, err := Repair(stateOf(t, text), map[hostport.Owner]bool{ownerNew: true, ownerOld: true}); err == nil {
+	if _, err := Repair(stateOf(t, text), map[hostport.Owner]bool{ownerNew: true, ownerOld: true}, nil); err == nil {
 		t.Fatal("two conflicting --keep owners accepted")
 	}
-	res, err := Repair(stateOf(t, text), map[hostport.Owner]bool{{Network: "x", ContainerID: "y"}: true})
+	res, err := Repair(stateOf(t, text), map[hostport.Owner]bool{{Network: "x", ContainerID: "y"}: true}, nil)
 	if err != nil || len(res.UnknownKeep) != 1 {
 		t.Fatalf("unknown keep: %v %v", err, res.UnknownKeep)
 	}
@@ -250,7 +250,7 @@ func TestAuditSharedAndOrphans(t *testing.T) {
 	if len(fa.Problems) != 7 || fa.Summary.MissingEntryJumps != 2 || fa.Summary.MissingMasquerade != 3 || fa.Summary.OrphanChains != 1 {
 		t.Errorf("problems %d summary %+v", len(fa.Problems), fa.Summary)
 	}
-	res, err := Repair(stateOf(t, text), nil)
+	res, err := Repair(stateOf(t, text), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +259,7 @@ func TestAuditSharedAndOrphans(t *testing.T) {
 		t.Fatalf("after repair: %+v\n%s", fa.Problems, after)
 	}
 	// Nothing to do on a healthy table: an empty transaction.
-	res, _ = Repair(stateOf(t, after), nil)
+	res, _ = Repair(stateOf(t, after), nil, nil)
 	if res.Tx.Changes() {
 		p, _ := res.Tx.Render()
 		t.Fatalf("repair of a healthy table changes it:\n%s", p)
@@ -285,7 +285,7 @@ COMMIT
 	if k := kinds(fa); len(fa.Problems) != 1 || k[KindShadowedClaim] != 1 || fa.Problems[0].HostPort != 9090 {
 		t.Fatalf("problems %+v", fa.Problems)
 	}
-	res, err := Repair(stateOf(t, text), nil)
+	res, err := Repair(stateOf(t, text), nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -315,7 +315,7 @@ func TestPortguardAddsAuditHealthy(t *testing.T) {
 		if !fa.Healthy() || fa.Summary.Claims != 2 {
 			t.Fatalf("after ADD %s: %+v %+v\n%s", id, fa.Problems, fa.Summary, text)
 		}
-		if r, _ := Repair(stateOf(t, text), nil); r.Tx.Changes() {
+		if r, _ := Repair(stateOf(t, text), nil, nil); r.Tx.Changes() {
 			t.Fatalf("repair after ADD %s: %v", id, r.Actions)
 		}
 	}

@@ -37,8 +37,13 @@ type RepairResult struct {
 // Only CNI-HOSTPORT-DNAT's jumps to CNI-DN chains, CNI-DN chains and the upstream shared
 // rules are written. The state must be complete (state.ObserveAll). Keep owners that
 // conflict with each other are an error.
-func Repair(s *state.State, keep map[hostport.Owner]bool) (RepairResult, error) {
-	an := analyze(s, keep, true)
+//
+// With j, a claim whose owner is alive (or cannot be judged) is never removed unless an
+// owner in keep takes its port: it wins over stale claims whatever the jump order, and two
+// live claimants of one port are both left alone and reported in Skipped (choose with
+// --keep). This is ADD's takeover rule (pkg/liveness).
+func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairResult, error) {
+	an := analyze(s, keep, true, j)
 	res := RepairResult{Tx: &iptables.Tx{}, UnknownKeep: an.unknown}
 	sort.Slice(res.UnknownKeep, func(i, j int) bool { return res.UnknownKeep[i].String() < res.UnknownKeep[j].String() })
 	if len(an.conflicts) > 0 {
@@ -78,9 +83,13 @@ func Repair(s *state.State, keep map[hostport.Owner]bool) (RepairResult, error) 
 		l.mappings = append(l.mappings, m)
 		act("%s: %s: %s", s.Family, ownerText(a.Owner, a.Chain), why)
 	}
+	res.Skipped = append(res.Skipped, an.liveContests...)
 	for _, c := range an.claims {
 		switch c.Status {
 		case StatusShadowed:
+			if an.spare[c] {
+				continue
+			}
 			by := c.ShadowedBy
 			w := an.winner(c)
 			if w != nil {

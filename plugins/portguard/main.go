@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net/netip"
 	"os"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/portguard/portguard/pkg/conntrack"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/localnet"
 	"github.com/portguard/portguard/pkg/plan"
 )
@@ -65,6 +67,8 @@ func cmdAdd(args *skel.CmdArgs) error {
 	}
 	e := engine.New(c.LockTimeout)
 	e.OnTakeover = takeoverLogger(c.LogFile)
+	e.Judge = liveness.New(c.CNICacheDir)
+	e.Sandbox = liveness.Record{Netns: args.Netns, IfName: args.IfName}
 	if _, err := e.Add(c, owner); err != nil {
 		return err
 	}
@@ -92,7 +96,9 @@ func cmdDel(args *skel.CmdArgs) error {
 	if len(c.Mappings) == 0 && !attachmentMayExist(c) {
 		return nil
 	}
-	if err := engine.New(c.LockTimeout).Del(c, owner); err != nil {
+	e := engine.New(c.LockTimeout)
+	e.Judge = liveness.New(c.CNICacheDir)
+	if err := e.Del(c, owner); err != nil {
 		return err
 	}
 	for _, f := range hostport.Families {
@@ -137,9 +143,23 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, a := range c.Raw.ValidAttachments {
 		valid[a.ContainerID] = true
 	}
-	removed, err := engine.New(c.LockTimeout).GC(c.Network, valid, cnicache.Owners(cnicache.Dir(), c.Network))
+	e := engine.New(c.LockTimeout)
+	e.Judge = liveness.New(c.CNICacheDir)
+	// GC goes by the runtime's valid-attachments list (CNI spec); the evidence is for the
+	// log, gathered before GC removes the records it rests on (the Judge keeps verdicts).
+	cached := cnicache.Owners(cnicache.Dir(), c.Network)
+	for _, r := range e.Judge.Records.All() {
+		cached = append(cached, r.Owner)
+	}
+	for _, o := range cached {
+		if o.Network == c.Network && !valid[o.ContainerID] {
+			e.Judge.Owner(o, netip.Addr{})
+		}
+	}
+	removed, err := e.GC(c.Network, valid, cached)
 	for _, o := range removed {
-		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o})
+		ev := e.Judge.Owner(o, netip.Addr{})
+		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o, "evidence": ev})
 	}
 	var ce *types.Error
 	if err != nil && !errors.As(err, &ce) {

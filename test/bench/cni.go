@@ -105,6 +105,8 @@ func invokeConf(p plugin, verb, id string, conf []byte, env callEnv, shimLog str
 		"CNI_PATH="+filepath.Dir(p.Path),
 		"CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod-"+a.ID[:8]+";K8S_POD_INFRA_CONTAINER_ID="+a.ID,
 		"PORTGUARD_LOCK_FILE="+env.LockFile,
+		"PORTGUARD_STATE_DIR="+filepath.Join(env.WorkDir, "portguard-state"),
+		"PORTGUARD_CNI_CACHE_DIR="+filepath.Join(env.WorkDir, "cni-cache"),
 		envLaunch+"="+resFile,
 	)
 	if shimLog != "" {

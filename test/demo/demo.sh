@@ -77,6 +77,7 @@ ln -s "$GOBIN/portmap" "$RUN/bin-upstream/portmap"
 ln -s "$PGBIN/portguard" "$RUN/bin-portguard/portguard"
 ln -s "$PGBIN/portguard" "$RUN/bin-dropin/portmap"
 export PORTGUARD_LOCK_FILE=$RUN/portguard.lock
+export PORTGUARD_STATE_DIR=$RUN/portguard-state   # portguard's attachment records (liveness)
 
 # ---------------------------------------------------------------- test bed
 # make_node IDX TYPE EXTRA: node netns pgd-<run>-nodeIDX (192.0.2.1/24 towards the client,

@@ -558,6 +558,8 @@ func (n *node) pluginEnv(c callSpec) []string {
 		"CNI_COMMAND=" + c.Verb,
 		"CNI_PATH=" + filepath.Dir(n.plugin),
 		"PORTGUARD_LOCK_FILE=" + n.lockFile,
+		"PORTGUARD_STATE_DIR=" + filepath.Join(n.dir, "portguard-state"),
+		"PORTGUARD_CNI_CACHE_DIR=" + filepath.Join(n.dir, "cni-cache"),
 	}
 	if c.Verb != "GC" && c.Verb != "STATUS" {
 		netns := c.NetNS

@@ -87,6 +87,7 @@ type Bed struct {
 	ShimDir   string // PATH shim logging iptables invocations ("" with NoShim)
 	ShimLog   string
 	LockFile  string // PORTGUARD_LOCK_FILE ("" with SharedLock)
+	StateDir  string // PORTGUARD_STATE_DIR: portguard's attachment records
 
 	// Env is appended to the environment of every cnitool call (and so of every plugin).
 	Env []string
@@ -159,6 +160,11 @@ func New(t testing.TB, opts ...Options) *Bed {
 	if bins.Portguard != "" && isExecutable(bins.Portguard) {
 		b.InstallPlugin("portguard", bins.Portguard)
 	}
+	// portguard's attachment records and the libcni cache it reads as liveness evidence
+	// are the bed's own (cnitool's cache is bind-mounted over /var/lib/cni only in its
+	// mount namespace; portguardctl and direct plugin calls read it here).
+	b.StateDir = filepath.Join(b.Dir, "portguard-state")
+	b.Env = append(b.Env, "PORTGUARD_STATE_DIR="+b.StateDir, "PORTGUARD_CNI_CACHE_DIR="+b.CacheDir)
 	if !o.SharedLock {
 		b.LockFile = filepath.Join(b.Dir, "portguard.lock")
 		b.Env = append(b.Env, "PORTGUARD_LOCK_FILE="+b.LockFile)
@@ -323,6 +329,19 @@ func run(env []string, args ...string) error {
 func (b *Bed) Exec(ns string, args ...string) (string, error) {
 	out, _, err := runOut(nil, nil, append([]string{"ip", "netns", "exec", ns}, args...)...)
 	return out, err
+}
+
+// Ctl runs portguardctl with args inside the node namespace, with the bed's environment
+// (its lock file, portguard's records, the libcni cache). A non-zero exit is an error; the
+// Result holds the output either way.
+func (b *Bed) Ctl(args ...string) (*Result, error) {
+	b.T.Helper()
+	bin, err := ctlBinary()
+	if err != nil {
+		b.T.Fatal(err)
+	}
+	stdout, stderr, err := runOut(append(os.Environ(), b.Env...), nil, append([]string{"ip", "netns", "exec", b.Node, bin}, args...)...)
+	return &Result{Stdout: stdout, Stderr: stderr}, err
 }
 
 // MustExec is Exec that fails the test on error.

@@ -15,6 +15,7 @@ import (
 // Bins are the executables a test bed uses. Paths are absolute.
 type Bins struct {
 	Portguard string // the plugin under test ($PORTGUARD_BIN_DIR/portguard)
+	Ctl       string // portguardctl ($PORTGUARD_BIN_DIR/portguardctl), built on first use otherwise
 	Portmap   string // upstream portmap v1.10.0
 	Bridge    string // upstream bridge
 	HostLocal string // upstream host-local
@@ -107,7 +108,29 @@ func locate() (*Bins, error) {
 
 // BuildPortguard builds ./plugins/portguard from the working tree into a fresh temporary
 // directory and returns the binary's path.
-func BuildPortguard() (string, error) {
+func BuildPortguard() (string, error) { return buildTree("./plugins/portguard", "portguard") }
+
+// ctlBinary returns portguardctl: $PORTGUARD_BIN_DIR's, else one built from the tree once
+// per test process.
+func ctlBinary() (string, error) {
+	ctlOnce.Do(func() {
+		if d := os.Getenv("PORTGUARD_BIN_DIR"); d != "" && isExecutable(filepath.Join(d, "portguardctl")) {
+			ctlPath = filepath.Join(d, "portguardctl")
+			return
+		}
+		ctlPath, ctlErr = buildTree("./cmd/portguardctl", "portguardctl")
+	})
+	return ctlPath, ctlErr
+}
+
+var (
+	ctlOnce sync.Once
+	ctlPath string
+	ctlErr  error
+)
+
+// buildTree builds pkg from the working tree into a fresh temporary directory.
+func buildTree(pkg, name string) (string, error) {
 	root, err := RepoRoot()
 	if err != nil {
 		return "", err
@@ -117,11 +140,11 @@ func BuildPortguard() (string, error) {
 		return "", err
 	}
 	buildTempDirs = append(buildTempDirs, dir)
-	out := filepath.Join(dir, "portguard")
-	cmd := exec.Command("go", "build", "-o", out, "./plugins/portguard")
+	out := filepath.Join(dir, name)
+	cmd := exec.Command("go", "build", "-o", out, pkg)
 	cmd.Dir = root
 	if msg, err := cmd.CombinedOutput(); err != nil {
-		return out, fmt.Errorf("building the portguard plugin failed (it may not exist yet): %v\n%s", err, msg)
+		return out, fmt.Errorf("building %s failed: %v\n%s", pkg, err, msg)
 	}
 	return out, nil
 }

@@ -138,11 +138,22 @@ type event struct {
 			HostIP   string `json:"hostIP"`
 			HostPort int    `json:"hostPort"`
 		} `json:"claims"`
-		Destinations []string `json:"destinations"`
-		ChainRemoved bool     `json:"chainRemoved"`
-		For          owner    `json:"for"`
+		Destinations []string  `json:"destinations"`
+		ChainRemoved bool      `json:"chainRemoved"`
+		For          owner     `json:"for"`
+		Evidence     *evidence `json:"evidence"`
 	} `json:"takeover"`
-	Removed *owner `json:"removed"`
+	Removed  *owner    `json:"removed"`
+	Evidence *evidence `json:"evidence"` // gc events
+}
+
+// evidence is pkg/liveness.Evidence as the event log writes it.
+type evidence struct {
+	State  string `json:"state"`
+	Source string `json:"source"`
+	Netns  string `json:"netns"`
+	PID    int    `json:"pid"`
+	Reason string `json:"reason"`
 }
 
 type owner struct {

@@ -66,14 +66,14 @@ func TestStaleClaimAfterCrashIsTakenOver(t *testing.T) {
 // comment names another network.
 func TestRenamedNetworkClaimIsTakenOver(t *testing.T) {
 	b := newBed(t)
-	na, _ := pgNet(b, tb.NetConfig{Name: "net-a", IPv4Only: true}, nil)
+	na, _ := pgNet(b, tb.NetConfig{Name: "net-a", IPv4Only: true}, force)
 	a := b.NewPod("A")
 	na.MustAdd(a, tb.TCP(8080, 80))
 	a.Serve(80)
 	wantAnswer(t, b, "tcp", b.NodeIP4, 8080, "A")
 
 	na.Remove()
-	nb, logFile := pgNet(b, tb.NetConfig{Name: "net-b", IPv4Only: true, Subnet4: na.Subnet4.String()}, nil)
+	nb, logFile := pgNet(b, tb.NetConfig{Name: "net-b", IPv4Only: true, Subnet4: na.Subnet4.String()}, force)
 	p := b.NewPod("B")
 	p.Serve(80)
 	// net-b has its own host-local store: ask for an address A does not use.
@@ -92,12 +92,16 @@ func TestRenamedNetworkClaimIsTakenOver(t *testing.T) {
 	}
 }
 
+// force: the mechanics of taking over claims whose owners still serve (under the default
+// policy a live owner refuses the ADD; see liveness_test.go).
+var force = map[string]any{"conflictPolicy": "force"}
+
 // The old pod held 8080 and 9090; the new pod claims 8080 only: 8080 goes to the new pod,
 // 9090 still reaches the old one, whose jump is rewritten to 9090 and whose chain loses its
 // 8080 rules.
 func TestPartialOverlapKeepsTheOtherPort(t *testing.T) {
 	b := newBed(t)
-	n, _ := pgNet(b, tb.NetConfig{}, nil)
+	n, _ := pgNet(b, tb.NetConfig{}, force)
 	old := b.NewPod("old")
 	n.MustAdd(old, tb.TCP(8080, 80), tb.TCP(9090, 80))
 	old.Serve(80)
@@ -144,7 +148,7 @@ func TestNoFalseTakeover(t *testing.T) {
 
 	t.Run("other protocol", func(t *testing.T) {
 		b := newBed(t)
-		n, _ := pgNet(b, tb.NetConfig{}, nil)
+		n, _ := pgNet(b, tb.NetConfig{}, force)
 		a, p := servingPods(b)
 		n.MustAdd(a, tb.UDP(8080, 80))
 		res := n.MustAdd(p, tb.TCP(8080, 80))
@@ -159,7 +163,7 @@ func TestNoFalseTakeover(t *testing.T) {
 
 	t.Run("other specific host IP", func(t *testing.T) {
 		b := newBed(t)
-		n, _ := pgNet(b, tb.NetConfig{}, nil)
+		n, _ := pgNet(b, tb.NetConfig{}, force)
 		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80).On(b.NodeIP4.String()))
 		res := n.MustAdd(p, tb.TCP(8080, 80).On(b.NodeIP4Alt.String()))
@@ -173,7 +177,7 @@ func TestNoFalseTakeover(t *testing.T) {
 
 	t.Run("specific host IPs of other families", func(t *testing.T) {
 		b := newBed(t)
-		n, _ := pgNet(b, tb.NetConfig{}, nil)
+		n, _ := pgNet(b, tb.NetConfig{}, force)
 		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80).On(b.NodeIP6.String()))
 		res := n.MustAdd(p, tb.TCP(8080, 80).On(b.NodeIP4.String()))
@@ -188,8 +192,8 @@ func TestNoFalseTakeover(t *testing.T) {
 	// bridge) claims 8080: only the IPv4 claim is taken over, IPv6 still reaches A.
 	t.Run("other family kept", func(t *testing.T) {
 		b := newBed(t)
-		n, _ := pgNet(b, tb.NetConfig{}, nil)
-		n4, _ := pgNet(b, tb.NetConfig{IPv4Only: true, Bridge: "cni1"}, nil)
+		n, _ := pgNet(b, tb.NetConfig{}, force)
+		n4, _ := pgNet(b, tb.NetConfig{IPv4Only: true, Bridge: "cni1"}, force)
 		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80))
 		res := n4.MustAdd(p, tb.TCP(8080, 80))
@@ -207,7 +211,7 @@ func TestNoFalseTakeover(t *testing.T) {
 	// loser's claim in that family goes entirely; its claim in the other family stays.
 	t.Run("wildcard then specific conflicts", func(t *testing.T) {
 		b := newBed(t)
-		n, _ := pgNet(b, tb.NetConfig{}, nil)
+		n, _ := pgNet(b, tb.NetConfig{}, force)
 		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80))
 		res := n.MustAdd(p, tb.TCP(8080, 80).On(b.NodeIP4.String()))
@@ -223,7 +227,7 @@ func TestNoFalseTakeover(t *testing.T) {
 
 	t.Run("specific then wildcard conflicts", func(t *testing.T) {
 		b := newBed(t)
-		n, _ := pgNet(b, tb.NetConfig{}, nil)
+		n, _ := pgNet(b, tb.NetConfig{}, force)
 		a, p := servingPods(b)
 		n.MustAdd(a, tb.TCP(8080, 80).On(b.NodeIP4.String()))
 		res := n.MustAdd(p, tb.TCP(8080, 80))
@@ -294,6 +298,8 @@ func TestUpstreamStaleStateCleanedByPortguard(t *testing.T) {
 		t.Fatalf("upstream portmap reached B through A's stale claim: precondition of this test is gone")
 	}
 
+	// B never worked and is given up on too (a live B would keep its claim: liveness_test.go).
+	p.Kill()
 	b.InstallPlugin("portmap", tb.PortguardBinary(t))
 	c := b.NewPod("C")
 	c.Serve(80)
@@ -316,7 +322,9 @@ func TestUpstreamStaleStateCleanedByPortguard(t *testing.T) {
 // tcp 9090 and udp 8080 still reach the old pod; its udp jump is untouched.
 func TestPartialOverlapOfUpstreamChain(t *testing.T) {
 	b := newBed(t)
-	n := b.Network(tb.NetConfig{PortPlugin: "portmap"}) // upstream v1.10.0
+	// upstream v1.10.0 ignores conflictPolicy; portguard, dropped in later, takes over from
+	// the old pod although it still serves.
+	n := b.Network(tb.NetConfig{PortPlugin: "portmap", PortConf: force})
 	old := b.NewPod("old")
 	n.MustAdd(old, tb.TCP(8080, 80), tb.TCP(9090, 80), tb.UDP(8080, 80))
 	old.Serve(80)

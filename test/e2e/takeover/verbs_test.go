@@ -193,11 +193,11 @@ func TestStatus(t *testing.T) {
 	}
 }
 
-// 20 pods claim 8080 at once: every ADD succeeds, exactly one claim remains per family (the
-// same pod in both), and that pod answers.
+// 20 pods claim 8080 at once under conflictPolicy force: every ADD succeeds, exactly one
+// claim remains per family (the same pod in both), and that pod answers.
 func TestParallelAddsEndWithOneClaim(t *testing.T) {
 	b := newBed(t)
-	n, _ := pgNet(b, tb.NetConfig{}, nil)
+	n, _ := pgNet(b, tb.NetConfig{}, force)
 	// Upstream bridge races on the MAC of a bridge that parallel ADDs create together (a
 	// later cnitool check then fails "Bridge interface cni0 Mac doesn't match"): one pod
 	// without host ports creates and pins the bridge first.
