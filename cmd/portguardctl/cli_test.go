@@ -8,6 +8,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/iptables/iptablestest"
 )
 
 func runCLI(args ...string) (string, string, int) {
@@ -55,8 +56,8 @@ func TestHelp(t *testing.T) {
 	}
 }
 
-// fakeRunner serves canned tables in-process (no root needed).
-func withFake(t *testing.T, f *iptables.Fake) {
+// withFake runs the commands against iptablestest's fake nat tables (no root needed).
+func withFake(t *testing.T, f *iptablestest.Kernel) {
 	old := newRunner
 	newRunner = func(time.Duration) iptables.Runner { return f }
 	t.Cleanup(func() { newRunner = old })
@@ -78,7 +79,8 @@ COMMIT
 `
 
 func TestAuditWithFakeRunner(t *testing.T) {
-	f := &iptables.Fake{Tables: map[hostport.Family]string{hostport.V4: fakeBlog}, Unusable: map[hostport.Family]bool{hostport.V6: true}}
+	f := iptablestest.MustNew(map[hostport.Family]string{hostport.V4: fakeBlog})
+	f.Unusable = map[hostport.Family]bool{hostport.V6: true}
 	withFake(t, f)
 	out, errs, code := runCLI("audit")
 	if code != 1 || errs != "" {
@@ -90,7 +92,7 @@ func TestAuditWithFakeRunner(t *testing.T) {
 		}
 	}
 	// one iptables-save per family, nothing else
-	if got := strings.Join(f.Calls, ","); got != "save ipv4,save ipv6" {
+	if got := strings.Join(f.Calls(), ","); got != "save ipv4,save ipv6" {
 		t.Errorf("calls %s", got)
 	}
 	// asking for the unusable family explicitly is an environment error
@@ -98,10 +100,10 @@ func TestAuditWithFakeRunner(t *testing.T) {
 		t.Errorf("--family 6: exit %d %q", code, errs)
 	}
 	// dry-run renders without restoring
-	f.Calls = nil
+	f.ResetCalls()
 	out, _, code = runCLI("repair", "--dry-run")
-	if code != 0 || !strings.Contains(out, "-D CNI-HOSTPORT-DNAT -p tcp -m comment --comment \"dnat name: \\\"cbr0\\\" id: \\\"bad\\\"\"") || len(f.Payloads) != 0 {
-		t.Fatalf("dry-run exit %d payloads %d:\n%s", code, len(f.Payloads), out)
+	if code != 0 || !strings.Contains(out, "-D CNI-HOSTPORT-DNAT -p tcp -m comment --comment \"dnat name: \\\"cbr0\\\" id: \\\"bad\\\"\"") || len(f.Payloads(hostport.V4)) != 0 {
+		t.Fatalf("dry-run exit %d payloads %d:\n%s", code, len(f.Payloads(hostport.V4)), out)
 	}
 }
 
@@ -111,7 +113,9 @@ func TestUnavailableFamilyDoesNotMakeUnhealthy(t *testing.T) {
 :PREROUTING ACCEPT [0:0]
 COMMIT
 `
-	withFake(t, &iptables.Fake{Tables: map[hostport.Family]string{hostport.V4: healthy}, Unusable: map[hostport.Family]bool{hostport.V6: true}})
+	f := iptablestest.MustNew(map[hostport.Family]string{hostport.V4: healthy})
+	f.Unusable = map[hostport.Family]bool{hostport.V6: true}
+	withFake(t, f)
 	out, _, code := runCLI("audit", "-o", "json")
 	if code != 0 || !strings.Contains(out, `"healthy": true`) || !strings.Contains(out, `"available": false`) {
 		t.Fatalf("exit %d:\n%s", code, out)

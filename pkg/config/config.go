@@ -129,9 +129,20 @@ func truncate(s string) string {
 	return s
 }
 
-// Parse reads stdin. ifName is CNI_IFNAME: the pod addresses are the ones prevResult
-// reports on that sandbox interface.
-func Parse(stdin []byte, ifName string) (*Config, error) {
+// Parse reads stdin for ADD, CHECK, GC and STATUS. ifName is CNI_IFNAME: the pod
+// addresses are the ones prevResult reports on that sandbox interface. When a port
+// mapping applies to a family, the address it would be forwarded to must be one a host
+// port can reach (see podAddrProblem); otherwise the error is a CNI error (code 7,
+// ErrInvalidNetworkConfig) naming prevResult.ips[i].
+func Parse(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, true) }
+
+// ParseDel reads stdin for DEL: as Parse, but the pod addresses Parse refuses are read as
+// they always were. DEL must remove whatever an ADD installed, also one by upstream
+// portmap or an earlier portguard that accepted such an address; refusing it would leave
+// those rules behind and fail the pod's teardown on every retry.
+func ParseDel(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, false) }
+
+func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
 	raw := &NetConf{}
 	if err := json.Unmarshal(stdin, raw); err != nil {
 		return nil, decodeError(err)
@@ -232,7 +243,18 @@ func Parse(stdin []byte, ifName string) (*Config, error) {
 			return nil, invalid("prevResult", "cannot convert to the current result version: %v", err)
 		}
 		c.PrevResult = res
-		c.PodIPs = podIPs(res, ifName)
+		var used map[hostport.Family]bool
+		if checkPodIPs {
+			used = map[hostport.Family]bool{}
+			for _, f := range hostport.Families {
+				for _, m := range c.Mappings {
+					used[f] = used[f] || m.AppliesTo(f)
+				}
+			}
+		}
+		if c.PodIPs, err = podIPs(res, ifName, used); err != nil {
+			return nil, err
+		}
 	}
 	return c, nil
 }
@@ -369,31 +391,82 @@ func validMappings(entries []PortMapEntry) ([]Mapping, error) {
 }
 
 // podIPs picks, per family, the first address prevResult puts on the sandbox interface
-// ifName (addresses without an interface index count, as upstream counts them).
-func podIPs(res *current.Result, ifName string) map[hostport.Family]netip.Prefix {
+// ifName (addresses without an interface index count, as upstream counts them). The one
+// picked for a family in check must pass podAddrProblem, or podIPs returns a CNI error
+// naming prevResult.ips[i]; in other families an impossible prefix is skipped and any
+// other address kept, as before the check existed.
+func podIPs(res *current.Result, ifName string, check map[hostport.Family]bool) (map[hostport.Family]netip.Prefix, error) {
 	out := map[hostport.Family]netip.Prefix{}
-	for _, ip := range res.IPs {
+	for i, ip := range res.IPs {
 		if ip.Interface != nil {
-			i := *ip.Interface
-			if i >= 0 && i < len(res.Interfaces) && (res.Interfaces[i].Name != ifName || res.Interfaces[i].Sandbox == "") {
+			k := *ip.Interface
+			if k >= 0 && k < len(res.Interfaces) && (res.Interfaces[k].Name != ifName || res.Interfaces[k].Sandbox == "") {
 				continue
 			}
 		}
-		addr, ok := netip.AddrFromSlice(ip.Address.IP)
+		raw, ok := netip.AddrFromSlice(ip.Address.IP)
 		if !ok {
 			continue
 		}
 		ones, bits := ip.Address.Mask.Size()
-		if addr.Is4In6() && bits == 128 {
-			ones -= 96 // "::ffff:10.0.0.5/120": the prefix counts IPv6 bits
+		if raw.Is4In6() && bits == 128 {
+			ones, bits = ones-96, 32 // "::ffff:10.0.0.5/120": the prefix counts IPv6 bits
 		}
-		addr = addr.Unmap()
+		addr := raw.Unmap()
 		p := netip.PrefixFrom(addr, ones)
 		f := hostport.Of(addr)
-		if _, have := out[f]; have || !p.IsValid() {
+		if _, have := out[f]; have {
+			continue
+		}
+		if bits != addr.BitLen() {
+			p = netip.Prefix{} // a mask of another family, or no mask
+		}
+		if check[f] {
+			if why := podAddrProblem(p, addr); why != "" {
+				return nil, invalid(fmt.Sprintf("prevResult.ips[%d]", i), "pod address %s is %s; host ports cannot be forwarded to it", ip.Address.String(), why)
+			}
+		}
+		if !p.IsValid() {
 			continue
 		}
 		out[f] = p
 	}
-	return out
+	return out, nil
+}
+
+// podAddrProblem says why a pod address (p, or addr when p is invalid) cannot be a DNAT
+// destination, or "". IPv4 link-local unicast (169.254/16) passes: Linux forwards it like
+// any other address, Kubernetes accepts it as a pod IP (it refuses link-local only for
+// Service endpoints), and upstream portmap installs it; some CNIs hand pods such addresses
+// (the AWS VPC CNI's IPv4 egress in IPv6 clusters). IPv6 link-local unicast (fe80::/10) is
+// refused: a packet is never forwarded to it from another link (RFC 4291 2.5.6), and every
+// interface of the node routes fe80::/64, so a DNAT to it could not reach the pod.
+func podAddrProblem(p netip.Prefix, addr netip.Addr) string {
+	switch {
+	case !p.IsValid():
+		return "an impossible prefix (its length does not fit the address)"
+	case addr.IsUnspecified():
+		return "the unspecified address"
+	case addr.IsLoopback():
+		return "a loopback address"
+	case addr.IsLinkLocalMulticast():
+		return "a link-local multicast address"
+	case addr.IsMulticast():
+		return "a multicast address"
+	case addr == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return "the limited broadcast address"
+	case addr.Is6() && addr.IsLinkLocalUnicast():
+		return "an IPv6 link-local address (never forwarded from another link)"
+	case addr.Is4() && p.Bits() < 31 && addr == lastAddr(p):
+		return "the broadcast address of " + p.Masked().String()
+	}
+	return ""
+}
+
+// lastAddr is the highest address of an IPv4 prefix (its subnet broadcast address).
+func lastAddr(p netip.Prefix) netip.Addr {
+	a := p.Masked().Addr().As4()
+	host := ^uint32(0) >> p.Bits()
+	v := uint32(a[0])<<24 | uint32(a[1])<<16 | uint32(a[2])<<8 | uint32(a[3]) | host
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }

@@ -13,7 +13,7 @@ import (
 	"testing/fstest"
 
 	"github.com/portguard/portguard/pkg/hostport"
-	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/iptables/iptablestest"
 )
 
 // fakeEnv serves /etc/cni/net.d and /opt/cni/bin from memory, sysctls from a map and
@@ -71,7 +71,7 @@ func (f *fakeEnv) env() Env {
 			}
 			return "", errors.New("no route")
 		},
-		Runner: &iptables.Fake{Tables: f.tables},
+		Runner: iptablestest.MustNew(f.tables),
 	}
 }
 
@@ -215,7 +215,9 @@ func TestBrokenVariants(t *testing.T) {
 		f.conf("10-flannel.conflist", goodList)
 		f.bin("flannel", "portmap")
 		e := f.env()
-		e.Runner = &iptables.Fake{Unusable: map[hostport.Family]bool{hostport.V6: true}}
+		k := iptablestest.MustNew(nil)
+		k.Unusable = map[hostport.Family]bool{hostport.V6: true}
+		e.Runner = k
 		rep := Run(e)
 		if !rep.Healthy() {
 			t.Fatal(errorsOf(rep))
@@ -270,13 +272,13 @@ func TestOtherBackendAndAudit(t *testing.T) {
 	f.conf("10-flannel.conflist", goodList)
 	f.bin("flannel", "portmap")
 	f.files["proc/net/ip_tables_names"] = &fstest.MapFile{Data: []byte("nat\nfilter\n")}
-	e := f.env()
 	f.commands["iptables-legacy-save -t nat"] = upstreamV4
 	// the current backend shows a shadowed claim too
 	f.tables[hostport.V4] = strings.Replace(upstreamV4, "COMMIT", `:CNI-DN-2222222222222222222bb - [0:0]
 -A CNI-DN-2222222222222222222bb -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.88.0.3:80
 -A CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"cbr0\" id: \"def\"" -m multiport --dports 8080 -j CNI-DN-2222222222222222222bb
 COMMIT`, 1)
+	e := f.env() // the fake copies the tables
 	rep := Run(e)
 	errs := errorsOf(rep)
 	if len(errs) != 2 {

@@ -17,6 +17,7 @@ import (
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/iptables/iptablestest"
 	"github.com/portguard/portguard/pkg/lock"
 )
 
@@ -296,7 +297,7 @@ func TestLockTimesOutAndSurvivesKill(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &Engine{Runner: &iptables.Fake{}, LockPath: path, LockTimeout: 200 * time.Millisecond}
+	e := &Engine{Runner: iptablestest.MustNew(nil), LockPath: path, LockTimeout: 200 * time.Millisecond}
 	_, err = e.GC("x", nil, nil)
 	var ce *types.Error
 	if !errors.As(err, &ce) || ce.Code != types.ErrTryAgainLater || !strings.Contains(ce.Msg, "timed out") {

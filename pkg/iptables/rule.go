@@ -1,6 +1,6 @@
 // Package iptables speaks iptables' text formats: it splits the lines that `iptables -S` and
 // `iptables-save` print into rules, renders iptables-restore payloads with safe quoting,
-// and runs the iptables binaries (or a recording fake in unit tests).
+// and runs the iptables binaries (pkg/iptables/iptablestest stands in for them in unit tests).
 package iptables
 
 import (

@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 
 	"github.com/portguard/portguard/pkg/hostport"
@@ -189,82 +188,6 @@ func (e *Exec) Probe(f hostport.Family) error {
 			return err
 		}
 		return fmt.Errorf("%w: %s -t nat: %s", ErrUnavailable, binary(f, "tables"), stderr)
-	}
-	return nil
-}
-
-// Fake is a recording runner for unit tests: it serves chains from canned tables and
-// records every payload. It can fail chosen restores.
-type Fake struct {
-	mu       sync.Mutex
-	Tables   map[hostport.Family]string // iptables-save style text per family
-	Payloads map[hostport.Family][]string
-	Calls    []string
-	// FailRestore, when set, decides the error of each restore.
-	FailRestore func(f hostport.Family, payload string) error
-	Unusable    map[hostport.Family]bool
-}
-
-func (k *Fake) record(s string) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.Calls = append(k.Calls, s)
-}
-
-func (k *Fake) full(f hostport.Family) (*Table, error) {
-	if k.Unusable[f] {
-		return nil, fmt.Errorf("%w: fake %s", ErrUnavailable, f)
-	}
-	t := NewTable()
-	return t, t.Parse(k.Tables[f])
-}
-
-func (k *Fake) List(f hostport.Family, chain string, t *Table) error {
-	k.record(fmt.Sprintf("list %s %s", f, chain))
-	all, err := k.full(f)
-	if err != nil {
-		return err
-	}
-	c, ok := all.Chains[chain]
-	if !ok {
-		t.Missing[chain] = true
-		return nil
-	}
-	t.chain(chain).Rules = append([]Rule(nil), c.Rules...)
-	return nil
-}
-
-func (k *Fake) Save(f hostport.Family, t *Table) error {
-	k.record(fmt.Sprintf("save %s", f))
-	if k.Unusable[f] {
-		return fmt.Errorf("%w: fake %s", ErrUnavailable, f)
-	}
-	return t.Parse(k.Tables[f])
-}
-
-func (k *Fake) Restore(f hostport.Family, payload string) error {
-	k.record(fmt.Sprintf("restore %s", f))
-	if k.Unusable[f] {
-		return fmt.Errorf("%w: fake %s", ErrUnavailable, f)
-	}
-	if k.FailRestore != nil {
-		if err := k.FailRestore(f, payload); err != nil {
-			return err
-		}
-	}
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.Payloads == nil {
-		k.Payloads = map[hostport.Family][]string{}
-	}
-	k.Payloads[f] = append(k.Payloads[f], payload)
-	return nil
-}
-
-func (k *Fake) Probe(f hostport.Family) error {
-	k.record(fmt.Sprintf("probe %s", f))
-	if k.Unusable[f] {
-		return fmt.Errorf("%w: fake %s", ErrUnavailable, f)
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/iptables/iptablestest"
 	"github.com/portguard/portguard/pkg/state"
 )
 
@@ -109,87 +110,22 @@ func TestAuditBlogState(t *testing.T) {
 	}
 }
 
-// applyTx plays a transaction on a table the way iptables-restore would, as far as the
-// repair uses it (delete first match, insert, append, flush, delete chain, declare).
+// applyTx applies a transaction to a table given as iptables-save text, as
+// iptables-restore would (pkg/iptables/iptablestest), and returns the table after it.
 func applyTx(t *testing.T, text string, tx *iptables.Tx) string {
 	t.Helper()
-	tb := iptables.NewTable()
-	if err := tb.Parse(text); err != nil {
+	k, err := iptablestest.New(map[hostport.Family]string{hostport.V4: text})
+	if err != nil {
 		t.Fatal(err)
 	}
 	payload, err := tx.Render()
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(payload, "\n") {
-		if line == "" || line == "*nat" || line == "COMMIT" {
-			continue
-		}
-		if line[0] == ':' {
-			name := strings.Fields(line[1:])[0]
-			tb.Parse(":" + name + " - [0:0]")
-			tb.Chains[name].Rules = nil
-			continue
-		}
-		args, err := iptables.SplitArgs(line)
-		if err != nil {
-			t.Fatal(err)
-		}
-		op, chain := args[0], args[1]
-		c := tb.Chains[chain]
-		if c == nil && op != "-X" {
-			t.Fatalf("payload line %q: no chain %s", line, chain)
-		}
-		switch op {
-		case "-A":
-			c.Rules = append(c.Rules, iptables.Rule{Chain: chain, Args: args[2:]})
-		case "-I":
-			var pos int
-			fmt.Sscan(args[2], &pos)
-			r := iptables.Rule{Chain: chain, Args: args[3:]}
-			c.Rules = append(c.Rules[:pos-1], append([]iptables.Rule{r}, c.Rules[pos-1:]...)...)
-		case "-D":
-			r := iptables.Rule{Chain: chain, Args: args[2:]}
-			found := false
-			for i, have := range c.Rules {
-				if state.Normalize(have) == state.Normalize(r) {
-					c.Rules = append(c.Rules[:i], c.Rules[i+1:]...)
-					found = true
-					break
-				}
-			}
-			if !found {
-				t.Fatalf("payload line %q: no such rule", line)
-			}
-		case "-F":
-			c.Rules = nil
-		case "-X":
-			if c == nil {
-				t.Fatalf("payload line %q: no chain", line)
-			}
-			delete(tb.Chains, chain)
-			for i, n := range tb.Order {
-				if n == chain {
-					tb.Order = append(tb.Order[:i], tb.Order[i+1:]...)
-					break
-				}
-			}
-		default:
-			t.Fatalf("unexpected payload line %q", line)
-		}
+	if err := k.Restore(hostport.V4, payload); err != nil {
+		t.Fatalf("%v\n%s", err, payload)
 	}
-	var b strings.Builder
-	b.WriteString("*nat\n")
-	for _, n := range tb.Order {
-		fmt.Fprintf(&b, ":%s - [0:0]\n", n)
-	}
-	for _, n := range tb.Order {
-		for _, r := range tb.Chains[n].Rules {
-			b.WriteString(r.String() + "\n")
-		}
-	}
-	b.WriteString("COMMIT\n")
-	return b.String()
+	return k.Dump(hostport.V4)
 }
 
 func TestRepairBlogState(t *testing.T) {

@@ -39,12 +39,17 @@ func main() {
 		"portguard "+buildinfo.Version+" (CNI host ports without stale claims)")
 }
 
-// load validates the call's input; nothing is touched before it passes.
-func load(args *skel.CmdArgs) (*config.Config, hostport.Owner, error) {
+// newEngine makes the engine of a call; tests replace it to run the verbs against a fake
+// nat table (pkg/iptables/iptablestest).
+var newEngine = engine.New
+
+// load validates the call's input with parse (config.Parse, or config.ParseDel for DEL);
+// nothing is touched before it passes.
+func load(args *skel.CmdArgs, parse func([]byte, string) (*config.Config, error)) (*config.Config, hostport.Owner, error) {
 	if err := config.ValidateContainerID(args.ContainerID); err != nil {
 		return nil, hostport.Owner{}, err
 	}
-	c, err := config.Parse(args.StdinData, args.IfName)
+	c, err := parse(args.StdinData, args.IfName)
 	if err != nil {
 		return nil, hostport.Owner{}, err
 	}
@@ -52,7 +57,7 @@ func load(args *skel.CmdArgs) (*config.Config, hostport.Owner, error) {
 }
 
 func cmdAdd(args *skel.CmdArgs) error {
-	c, owner, err := load(args)
+	c, owner, err := load(args, config.Parse)
 	if err != nil {
 		return err
 	}
@@ -65,7 +70,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := needPodIP(c, args.IfName); err != nil {
 		return err
 	}
-	e := engine.New(c.LockTimeout)
+	e := newEngine(c.LockTimeout)
 	e.OnTakeover = takeoverLogger(c.LogFile)
 	e.Judge = liveness.New(c.CNICacheDir)
 	e.Sandbox = liveness.Record{Netns: args.Netns, IfName: args.IfName}
@@ -87,7 +92,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 }
 
 func cmdDel(args *skel.CmdArgs) error {
-	c, owner, err := load(args)
+	c, owner, err := load(args, config.ParseDel)
 	if err != nil {
 		return err
 	}
@@ -96,7 +101,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	if len(c.Mappings) == 0 && !attachmentMayExist(c) {
 		return nil
 	}
-	e := engine.New(c.LockTimeout)
+	e := newEngine(c.LockTimeout)
 	e.Judge = liveness.New(c.CNICacheDir)
 	if err := e.Del(c, owner); err != nil {
 		return err
@@ -118,7 +123,7 @@ func attachmentMayExist(c *config.Config) bool {
 }
 
 func cmdCheck(args *skel.CmdArgs) error {
-	c, owner, err := load(args)
+	c, owner, err := load(args, config.Parse)
 	if err != nil {
 		return err
 	}
@@ -131,7 +136,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := needPodIP(c, args.IfName); err != nil {
 		return err
 	}
-	return engine.New(c.LockTimeout).Check(c, owner)
+	return newEngine(c.LockTimeout).Check(c, owner)
 }
 
 func cmdGC(args *skel.CmdArgs) error {
@@ -143,7 +148,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, a := range c.Raw.ValidAttachments {
 		valid[a.ContainerID] = true
 	}
-	e := engine.New(c.LockTimeout)
+	e := newEngine(c.LockTimeout)
 	e.Judge = liveness.New(c.CNICacheDir)
 	// GC goes by the runtime's valid-attachments list (CNI spec); the evidence is for the
 	// log, gathered before GC removes the records it rests on (the Judge keeps verdicts).
@@ -173,7 +178,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	return engine.New(c.LockTimeout).Status()
+	return newEngine(c.LockTimeout).Status()
 }
 
 // needPodIP refuses host ports for a pod prevResult gives no address: upstream silently

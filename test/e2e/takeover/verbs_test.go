@@ -132,10 +132,19 @@ func TestGC(t *testing.T) {
 		wantAnswer(t, b, "tcp", b.NodeIP(f), 8090, "Q")
 	}
 	removed := map[string]bool{}
+	states := map[string]string{}
 	for _, e := range events(res.Stderr + readFile(t, logFile)) {
 		if e.Event == "gc" && e.Removed != nil {
 			removed[e.Removed.ContainerID] = true
+			if e.Evidence != nil {
+				states[e.Removed.ContainerID] = e.Evidence.State
+			}
 		}
+	}
+	// GC goes by the valid list, and logs the evidence it had: P2 and P3 still run, the
+	// crashed pod's namespace is gone.
+	if states[pods[1].ContainerID] != "alive" || states[stale.ContainerID] != "stale" {
+		t.Errorf("GC evidence states %v: want P2 alive, stale pod stale", states)
 	}
 	for _, p := range []*tb.Pod{pods[1], pods[2], stale} {
 		if !removed[p.ContainerID] {
