@@ -6,8 +6,10 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -302,6 +304,9 @@ type addPlan struct {
 	d   plan.Desired
 	s   *state.State
 	res plan.Result
+	// taken holds the victims read in part (nft.TakenRules), by chain: the payload leaves
+	// their chains alone and RemoveTaken deletes the taken rules by handle after it.
+	taken map[string]nft.Taken
 }
 
 // planAdd is the hot path's read: CNI-HOSTPORT-DNAT only (plus the chains of claims that
@@ -323,8 +328,131 @@ func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 		// make iptables-restore fetch all of CNI-HOSTPORT-DNAT again.
 		s.SharedShown, _ = e.sharedShown(d)
 	}
-	res, err := planWith(r, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
-	return addPlan{d: d, s: s, res: res}, err
+	p := addPlan{d: d, s: s, taken: map[string]nft.Taken{}}
+	tried := map[string]bool{}
+	p.res, err = planWith(r, s, func(s *state.State) plan.Result {
+		for {
+			res := plan.Add(s, d, policy)
+			if len(res.Need) == 0 || !e.readTaken(&p, res.Need, tried) {
+				return res
+			}
+		}
+	})
+	return p, err
+}
+
+// readTaken reads in part, over netlink, the big victims among the chains a plan needs:
+// only their rules for the ports d claims (nft.TakenRules). It reports whether it read
+// any; the others are left to a full read.
+func (e *Engine) readTaken(p *addPlan, need []string, tried map[string]bool) bool {
+	nl := e.conn(p.d.Family)
+	if nl == nil {
+		return false
+	}
+	read := false
+	for _, chain := range need {
+		a := p.s.Attachments[chain]
+		if tried[chain] || a == nil || len(a.Jumps) == 0 {
+			continue
+		}
+		tried[chain] = true
+		byProto := map[string][]int{}
+		for _, c := range p.d.Claims {
+			for _, j := range a.Jumps {
+				if j.Proto == c.Proto && j.HasPort(c.HostPort) && !slices.Contains(byProto[c.Proto], c.HostPort) {
+					byProto[c.Proto] = append(byProto[c.Proto], c.HostPort)
+				}
+			}
+		}
+		var all nft.Taken
+		ok := len(byProto) > 0
+		for proto, ports := range byProto {
+			t, found, err := nl.TakenRules(p.d.Family, chain, proto, ports)
+			if err != nil || !found {
+				ok = false
+				break
+			}
+			all.Rules = append(all.Rules, t.Rules...)
+			if all.Handles == nil {
+				all.Handles = map[string]uint64{}
+			}
+			maps.Copy(all.Handles, t.Handles)
+		}
+		if ok {
+			p.s.ReadPart(chain, all.Rules)
+			p.taken[chain] = all
+			read = true
+		}
+	}
+	return read
+}
+
+// splitTaken takes the operations on victims read in part out of tx, jumps into their
+// chains included (iptables-nft would fetch the whole chain for any line naming it), and
+// returns them as what nft.TakeFrom does after the payload: the ports to drop from each
+// victim's jumps and the handles of its rules to delete.
+func splitTaken(tx *iptables.Tx, taken map[string]nft.Taken) (*iptables.Tx, map[string]takeWork) {
+	if len(taken) == 0 || tx == nil {
+		return tx, nil
+	}
+	rest := &iptables.Tx{}
+	work := map[string]takeWork{}
+	type portSet map[string]map[int]bool
+	before, after := map[string]portSet{}, map[string]portSet{}
+	add := func(m map[string]portSet, chain string, r iptables.Rule) {
+		j := state.ParseJump(r)
+		if m[chain] == nil {
+			m[chain] = portSet{}
+		}
+		if m[chain][j.Proto] == nil {
+			m[chain][j.Proto] = map[int]bool{}
+		}
+		for _, p := range j.Ports {
+			m[chain][j.Proto][p] = true
+		}
+	}
+	for _, op := range tx.Ops {
+		r := iptables.Rule{Chain: op.Chain, Args: op.Args}
+		chain := op.Chain
+		if op.Chain == state.DNATChain {
+			chain = r.Target()
+		}
+		t, ok := taken[chain]
+		if !ok {
+			rest.Ops = append(rest.Ops, op)
+			continue
+		}
+		w := work[chain]
+		switch {
+		case op.Chain == state.DNATChain && op.Kind == iptables.Delete:
+			add(before, chain, r)
+		case op.Chain == state.DNATChain:
+			add(after, chain, r)
+		case op.Kind == iptables.Delete:
+			if h, ok := t.Handles[r.Spec()]; ok {
+				w.handles = append(w.handles, h)
+			}
+		}
+		work[chain] = w
+	}
+	for chain, w := range work {
+		w.drop = map[string][]int{}
+		for proto, ports := range before[chain] {
+			for p := range ports {
+				if !after[chain][proto][p] {
+					w.drop[proto] = append(w.drop[proto], p)
+				}
+			}
+		}
+		work[chain] = w
+	}
+	return rest, work
+}
+
+// takeWork is what nft.TakeFrom does to one victim read in part.
+type takeWork struct {
+	drop    map[string][]int
+	handles []uint64
 }
 
 // sharedShown asks the kernel over netlink whether d's shared layout is in place; false
@@ -353,7 +481,17 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 		if parallel && needsExclusive(p.res) {
 			return done, errNeedExclusive
 		}
-		err := Apply(e.Runner, p.d.Family, p.res.Tx)
+		tx, taken := splitTaken(p.res.Tx, p.taken)
+		err := Apply(e.Runner, p.d.Family, tx)
+		if err == nil && len(taken) > 0 {
+			for chain, w := range taken {
+				if err = e.conn(p.d.Family).TakeFrom(p.d.Family, chain, w.drop, w.handles); err != nil {
+					// The new claim is in and wins; what is left of the victim is
+					// unreachable (audit reports it, repair removes it).
+					return done, fmt.Errorf("%s: %w", p.d.Family, err)
+				}
+			}
+		}
 		if err == nil {
 			for _, t := range p.res.Takeovers {
 				if e.OnTakeover != nil {
@@ -376,6 +514,7 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 		if err != nil && (attempt == attempts || !errors.As(err, &re)) {
 			return done, fmt.Errorf("%s: %w", p.d.Family, err)
 		}
+		p.taken = nil // the replan reads whole chains
 		if p.s, err = state.Observe(e.Runner, p.d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {
 			return done, err
 		}

@@ -66,6 +66,7 @@ type victim struct {
 	kept      []state.Mapping // mappings the victim keeps (partial takeover)
 	keep      map[string]bool // "proto/port" still served by a remaining mapping
 	removeAll bool
+	partial   bool // only the contested ports' rules were read (state.Attachment.Partial)
 }
 
 // Add plans installing d, taking over conflicting claims of other owners unless the
@@ -141,9 +142,11 @@ func findVictims(s *state.State, d Desired) ([]victim, []string) {
 			need = append(need, a.Chain)
 			continue
 		}
-		v := victim{a: a, keep: map[string]bool{}}
+		v := victim{a: a, keep: map[string]bool{}, partial: a.Partial}
 		var remaining int
+		read := map[string]bool{}
 		for _, m := range a.Mappings {
+			read[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
 			lost := false
 			for _, c := range d.Claims {
 				if m.Claim.Conflicts(c) {
@@ -157,6 +160,17 @@ func findVictims(s *state.State, d Desired) ([]victim, []string) {
 				remaining++
 				v.kept = append(v.kept, m)
 				v.keep[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
+			}
+		}
+		if a.Partial {
+			// The ports whose rules were not read stay the victim's: its jumps name them.
+			for _, j := range a.Jumps {
+				for _, p := range j.Ports {
+					if k := portKey(j.Proto, p); !read[k] && !v.keep[k] {
+						v.keep[k] = true
+						remaining++
+					}
+				}
 			}
 		}
 		if len(v.lost) == 0 {
@@ -210,7 +224,11 @@ func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired, inPlace bool
 	// finds its rule gone, fails whole and is planned again, then as a removal. (Asserting
 	// every kept rule cost one search of the chain per rule: minutes for a port range.)
 	// Two takers that rewrite one jump conflict on its -D anyway.
-	if r, ok := keptRule(v); ok {
+	//
+	// A victim read in part is left to the caller, which removes the taken rules by handle
+	// after the payload and the chain when no jump enters it any more (nft.RemoveTaken):
+	// a -C naming its chain would make iptables-nft fetch all of it.
+	if r, ok := keptRule(v); ok && !v.partial {
 		tx.CheckRule(r, fmt.Sprintf("%s still holds what it keeps", v.a.Chain))
 	}
 	lostPort := map[string]bool{}
