@@ -20,11 +20,13 @@ import (
 // taken from by handle after the new claim is in (TakenRules, TakeFrom).
 
 // MinProbedRules is the size from which a victim's chain is probed rather than read: a
-// dump of a smaller chain costs less than the probes' round trips add up to.
-const MinProbedRules = 256
+// dump of a smaller chain costs less than the probes' round trips add up to. (A variable
+// so that tests can probe small chains.)
+var MinProbedRules = 256
 
-// maxProbes bounds the single-rule reads of one search.
-const maxProbes = 200
+// probesPerPort bounds the single-rule reads: a binary search of 60,000 rules takes 16,
+// plus the gaps earlier takeovers left and the run of the port's rules.
+const probesPerPort = 40
 
 // Taken is what TakenRules found of a victim: its rules for the contested ports as
 // `iptables -S` shows them, and each one's handle (by Spec).
@@ -42,7 +44,7 @@ type Taken struct {
 // port range is. It binary-searches the handles for each port, and takes the run of
 // consecutive handles with that port. ok is false, and the caller reads the chain, when
 // the chain is small (MinProbedRules), or anything does not fit: a port not found, a rule
-// the decoder does not know, more than maxProbes reads.
+// the decoder does not know, more reads than probesPerPort per port.
 func (c *Conn) TakenRules(f hostport.Family, chain, proto string, ports []int) (t Taken, ok bool, err error) {
 	ch, exists, err := c.Chain(f, chain)
 	if err != nil || !exists {
@@ -77,10 +79,12 @@ func (c *Conn) TakenRules(f hostport.Family, chain, proto string, ports []int) (
 			return t, false, nil
 		}
 	}
-	if refs == 0 || int(ch.Use)-refs < MinProbedRules || top <= ch.Handle+1 {
+	rules := int(ch.Use) - refs
+	budget := probesPerPort * len(ports)
+	if refs == 0 || rules < MinProbedRules || top <= ch.Handle+1 {
 		return t, false, nil
 	}
-	p := prober{c: c, f: f, chain: chain, budget: maxProbes}
+	p := prober{c: c, f: f, chain: chain, budget: budget}
 	t.Handles = map[string]uint64{}
 	for _, port := range ports {
 		hs, ok, err := p.find(ch.Handle+1, top-1, proto, port)
