@@ -77,6 +77,7 @@ func TestAddRestoresEntryJumpRemovedBeforeItsPayload(t *testing.T) {
 					"PATH=" + shim + ":" + os.Getenv("PATH"), "CNI_COMMAND=ADD", "CNI_CONTAINERID=" + cid,
 					"CNI_NETNS=/var/run/netns/" + pod, "CNI_IFNAME=eth0", "CNI_PATH=" + filepath.Dir(bin),
 					"PORTGUARD_LOCK_FILE=" + filepath.Join(dir, "lock"), "PORTGUARD_NETLINK=" + netlink,
+					"PORTGUARD_STATE_DIR=" + filepath.Join(dir, "state"),
 				}, "ip", "netns", "exec", node, bin)
 				if err != nil {
 					t.Fatalf("ADD %s: %v\n%s", cid, err, out)
