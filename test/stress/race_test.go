@@ -84,10 +84,12 @@ func TestEscalatingAddKeepsItsPorts(t *testing.T) {
 	const port = 20001
 	seed := &attachment{Name: "seed", Network: "race", ID: "race-seed", IP4: stormPrefix + "30/24", IP6: "fd00:240::30/64",
 		Maps: []mapping{{"tcp", 20999, stormPodPort}}}
+	// Both pods live, so the takeovers need conflictPolicy force (the race is in the locks,
+	// not in judging owners).
 	p := &attachment{Name: "p", Network: "race", ID: "race-p", IP4: stormPrefix + "31/24", IP6: "fd00:240::31/64",
-		Maps: []mapping{{"tcp", port, stormPodPort}}}
+		Maps: []mapping{{"tcp", port, stormPodPort}}, Policy: "force"}
 	q := &attachment{Name: "q", Network: "race", ID: "race-q", IP4: stormPrefix + "32/24",
-		Maps: []mapping{{"tcp", port, stormPodPort}}}
+		Maps: []mapping{{"tcp", port, stormPodPort}}, Policy: "force"}
 	pp, qp := n.newPod(0, "p", 31), n.newPod(1, "q", 32)
 	n.mustAdd(t, seed, "") // the shared layout of both families exists
 
@@ -156,7 +158,7 @@ func TestRewrittenJumpKeepsItsPlace(t *testing.T) {
 		n := newNode(t, true)
 		n.setupBridge()
 		v, w := att("v", 40, "", 20011, 20012), att("w", 41, "allow", 20012)
-		p, q := att("p", 42, "", 20011), att("q", 43, "", 20013)
+		p, q := att("p", 42, "force", 20011), att("q", 43, "", 20013) // v lives: force
 		vp, wp := n.newPod(0, "v", 40), n.newPod(1, "w", 41)
 		n.mustAdd(t, v, vp.ns)
 		n.mustAdd(t, w, wp.ns)
@@ -181,7 +183,7 @@ func TestRewrittenJumpKeepsItsPlace(t *testing.T) {
 		n.setupBridge()
 		w, v := att("w", 41, "", 20022), att("v", 40, "allow", 20021, 20022)
 		x2, x1 := att("x2", 110, "", 20024), att("x1", 111, "", 20025)
-		p := att("p", 42, "", 20021)
+		p := att("p", 42, "force", 20021) // v lives: force
 		wp, vp := n.newPod(0, "w", 41), n.newPod(1, "v", 40)
 		n.mustAdd(t, w, wp.ns)
 		n.mustAdd(t, v, vp.ns)
