@@ -47,7 +47,7 @@ type Taken struct {
 // the decoder does not know, more reads than probesPerPort per port.
 func (c *Conn) TakenRules(f hostport.Family, chain, proto string, ports []int) (t Taken, ok bool, err error) {
 	ch, exists, err := c.Chain(f, chain)
-	if err != nil || !exists {
+	if err != nil || !exists || int(ch.Use) < MinProbedRules { // Use counts its rules and more
 		return t, false, err
 	}
 	jumps, _, err := c.Rules(f, state.DNATChain)
