@@ -324,3 +324,45 @@ func TestGCFindsOrphansOfSuspects(t *testing.T) {
 		t.Fatalf("orphan not removed: %v\n%s", removed, p)
 	}
 }
+
+// A victim read in part (only its rules for the contested port, state.ReadPart) keeps
+// what its jumps name besides that port: the takeover is partial, asserts none of its
+// rules (that would make iptables-nft fetch the chain), and only when the jumps name
+// nothing else is the chain removed.
+func TestAddPartialTakeoverOfAVictimReadInPart(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		ports     []int
+		removeAll bool
+	}{{"keeps other ports", []int{8080, 9090, 9091}, false}, {"keeps nothing", []int{8080}, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			chain, jump, rules := upstream("net", "range", "10.88.0.3", "", c.ports...)
+			s := table(t, []string{state.DNATChain}, "-N CNI-HOSTPORT-DNAT", "-N "+chain, jump)
+			var taken []iptables.Rule
+			for _, l := range rules {
+				if strings.Contains(l, "--dport 8080 ") {
+					r, err := iptables.SplitArgs(strings.TrimPrefix(l, "-A "+chain+" "))
+					if err != nil {
+						t.Fatal(err)
+					}
+					taken = append(taken, iptables.Rule{Chain: chain, Args: r})
+				}
+			}
+			s.ReadPart(chain, taken)
+			res := Add(s, desired(t, "new", m8080), config.PolicyTakeover)
+			p := render(t, res.Tx)
+			if len(res.Need) > 0 || len(res.Takeovers) != 1 || res.Takeovers[0].ChainRemoved != c.removeAll {
+				t.Fatalf("need %v, takeovers %+v", res.Need, res.Takeovers)
+			}
+			if strings.Contains(p, "-C "+chain) {
+				t.Errorf("asserts a rule of the victim read in part:\n%s", p)
+			}
+			if want := "--dports 9090,9091 -j " + chain; !c.removeAll && !strings.Contains(p, want) {
+				t.Errorf("payload lacks the rewritten jump %q:\n%s", want, p)
+			}
+			if got := strings.Contains(p, "-X "+chain); got != c.removeAll {
+				t.Errorf("chain removed: %v, want %v:\n%s", got, c.removeAll, p)
+			}
+		})
+	}
+}
