@@ -137,12 +137,15 @@ func truncate(s string) string {
 func Parse(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, true) }
 
 // ParseDel reads stdin for DEL: as Parse, but the pod addresses Parse refuses are read as
-// they always were. DEL must remove whatever an ADD installed, also one by upstream
-// portmap or an earlier portguard that accepted such an address; refusing it would leave
-// those rules behind and fail the pod's teardown on every retry.
+// they always were, and conditions Parse refuses are dropped (Config.Conditions has none for
+// that family). DEL must remove whatever an ADD installed, also one by upstream portmap or
+// an earlier portguard that accepted such an address or condition (e.g. a host name in
+// "-d"); refusing it would leave those rules behind and fail the pod's teardown on every
+// retry. Without the conditions DEL cannot spell the jump rules, so it finds them by the
+// chain they enter; nothing of a dropped condition reaches the kernel.
 func ParseDel(stdin []byte, ifName string) (*Config, error) { return parseConf(stdin, ifName, false) }
 
-func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
+func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 	raw := &NetConf{}
 	if err := json.Unmarshal(stdin, raw); err != nil {
 		return nil, decodeError(err)
@@ -197,11 +200,13 @@ func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
 		if cond.v == nil {
 			continue
 		}
-		args, err := validConditions(cond.field, *cond.v)
-		if err != nil {
+		args, err := validConditions(cond.field, cond.f, *cond.v)
+		if err != nil && strict {
 			return nil, err
 		}
-		c.Conditions[cond.f] = args
+		if err == nil {
+			c.Conditions[cond.f] = args
+		}
 	}
 
 	switch raw.ConflictPolicy {
@@ -244,7 +249,7 @@ func parseConf(stdin []byte, ifName string, checkPodIPs bool) (*Config, error) {
 		}
 		c.PrevResult = res
 		var used map[hostport.Family]bool
-		if checkPodIPs {
+		if strict {
 			used = map[hostport.Family]bool{}
 			for _, f := range hostport.Families {
 				for _, m := range c.Mappings {
@@ -303,8 +308,9 @@ var commandOptions = []string{"append", "insert", "delete", "replace", "check", 
 	"help", "version", "wait", "wait-interval", "line-numbers", "modprobe", "exact", "numeric", "verbose"}
 
 // validConditions accepts iptables match arguments only: no command, jump or table option
-// in any spelling, no byte that could end the restore line, and a bounded size.
-func validConditions(field string, conds []string) ([]string, error) {
+// in any spelling, no byte that could end the restore line, a bounded size, and address
+// options whose kernel rules can be known (validAddresses).
+func validConditions(field string, f hostport.Family, conds []string) ([]string, error) {
 	if len(conds) == 0 || (len(conds) == 1 && conds[0] == "") {
 		return nil, nil
 	}
@@ -324,6 +330,9 @@ func validConditions(field string, conds []string) ([]string, error) {
 			return nil, invalid(item, "%q is not a match condition", truncate(a))
 		}
 		out = append(out, a)
+	}
+	if err := validAddresses(field, f, out); err != nil {
+		return nil, err
 	}
 	return out, nil
 }

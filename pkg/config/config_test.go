@@ -73,7 +73,7 @@ func TestBadInputNamesTheField(t *testing.T) {
 }
 
 func TestConditionsAcceptMatchesAndBoundTheirSize(t *testing.T) {
-	c, err := parse(t, `"conditionsV4":["!","-d","192.0.2.10/32","-m","addrtype","--dst-type","LOCAL","--destination","10.0.0.0/8"]`)
+	c, err := parse(t, `"conditionsV4":["!","-d","192.0.2.10/32","-m","addrtype","--dst-type","LOCAL","--source","10.0.0.0/8"]`)
 	if err != nil || len(c.Conditions[hostport.V4]) != 9 {
 		t.Fatalf("ordinary match conditions refused: %v", err)
 	}
@@ -146,5 +146,68 @@ func TestPodIPsFromMappedAndBrokenAddresses(t *testing.T) {
 		"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"::ffff:10.88.0.6/64"}]}}`), "eth0")
 	if len(c.PodIPs) != 0 {
 		t.Fatalf("an impossible prefix produced a pod address: %v", c.PodIPs)
+	}
+}
+
+func TestAddressListsExpandAsIptablesDoes(t *testing.T) {
+	c, err := parse(t, `"conditionsV4":["--src","10.0.0.1,10.0.0.2/8","-m","comment","--comment","-d","--destination","192.0.2.1/32,127.0.0.1"],
+		"conditionsV6":["!","--ds","fd00::1/128","-m","iprange","--dst-range","fd00::1-fd00::9"]`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := ExpandConditions(c.Conditions[hostport.V4])
+	var flat []string
+	for _, g := range got {
+		flat = append(flat, g[1]+" "+g[7])
+	}
+	want := "10.0.0.1 192.0.2.1/32|10.0.0.1 127.0.0.1|10.0.0.2/8 192.0.2.1/32|10.0.0.2/8 127.0.0.1"
+	if strings.Join(flat, "|") != want {
+		t.Fatalf("expansion %q, want %q (sources outer, as iptables adds them; the comment's -d is no option)", strings.Join(flat, "|"), want)
+	}
+	if got := ExpandConditions(c.Conditions[hostport.V6]); len(got) != 1 || strings.Join(got[0], " ") != strings.Join(c.Conditions[hostport.V6], " ") {
+		t.Fatalf("conditions without a list must stay one rule as written: %q", got)
+	}
+	if got := ExpandConditions(nil); len(got) != 1 || len(got[0]) != 0 {
+		t.Fatalf("no conditions must give one rule without conditions: %q", got)
+	}
+}
+
+func TestAddressOptionsWhoseRulesCannotBeKnownAreRefused(t *testing.T) {
+	cases := map[string]string{
+		`"conditionsV4":["-d","localhost"]`:                              "conditionsV4[1]",
+		`"conditionsV4":["-s","10.0.0.1,example.org"]`:                   "conditionsV4[1]",
+		`"conditionsV4":["-m","comment","--comment","a","-d","fd00::1"]`: "conditionsV4[5]",
+		`"conditionsV6":["-d","192.0.2.1"]`:                              "conditionsV6[1]",
+		`"conditionsV4":["!","-d","10.0.0.1,10.0.0.2"]`:                  "conditionsV4[2]",
+		`"conditionsV4":["-d","10.0.0.1,"]`:                              "conditionsV4[1]",
+		`"conditionsV4":["-d","10.0.0.1","--dst","10.0.0.2"]`:            "conditionsV4[2]",
+		`"conditionsV4":["-d10.0.0.1"]`:                                  "conditionsV4[0]",
+		`"conditionsV4":["--destination=10.0.0.1,10.0.0.2"]`:             "conditionsV4[0]",
+		`"conditionsV4":["--proto","udp"]`:                               "conditionsV4[0]",
+		`"conditionsV6":["-d","fd00::1","-p","udp"]`:                     "conditionsV6[2]",
+		`"conditionsV4":["-m","iprange","-s"]`:                           "conditionsV4[2]",
+	}
+	for body, field := range cases {
+		_, err := parse(t, body)
+		var ce *types.Error
+		if !errors.As(err, &ce) || ce.Code != types.ErrInvalidNetworkConfig || !strings.Contains(ce.Msg, field) {
+			t.Errorf("%s: got %v, want a CNI error naming %s", body, err, field)
+		}
+	}
+}
+
+// DEL drops conditions ADD would refuse (an earlier version accepted host names) instead
+// of failing the teardown; nothing of them is kept.
+func TestParseDelDropsRefusedConditions(t *testing.T) {
+	in := []byte(`{"cniVersion":"1.0.0","name":"net","type":"portguard","conditionsV4":["-d","somehost.example"],"conditionsV6":["-d","fd00::1"]}`)
+	if _, err := Parse(in, "eth0"); err == nil {
+		t.Fatal("Parse accepted a host name in conditionsV4")
+	}
+	c, err := ParseDel(in, "eth0")
+	if err != nil {
+		t.Fatalf("ParseDel: %v", err)
+	}
+	if len(c.Conditions[hostport.V4]) != 0 || len(c.Conditions[hostport.V6]) != 2 {
+		t.Errorf("conditions %v: want the refused IPv4 ones dropped, IPv6 kept", c.Conditions)
 	}
 }

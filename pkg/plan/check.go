@@ -36,6 +36,8 @@ func Check(s *state.State, d Desired) Result {
 			res.Problems = append(res.Problems, jumpMissing(d, r))
 		}
 	} else if len(ownJumps) > len(d.Jumps) {
+		// d.Jumps has one rule per kernel rule (address lists expanded as iptables does), so
+		// more jumps than that are someone else's.
 		res.Problems = append(res.Problems, fmt.Sprintf("%s: %d jump rules enter %s, %d expected", d.Family, len(ownJumps), d.Chain, len(d.Jumps)))
 	}
 

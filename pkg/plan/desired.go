@@ -19,7 +19,7 @@ type Desired struct {
 	Family   hostport.Family
 	Owner    hostport.Owner
 	Chain    string
-	Jumps    []iptables.Rule // rules of CNI-HOSTPORT-DNAT entering Chain
+	Jumps    []iptables.Rule // rules of CNI-HOSTPORT-DNAT entering Chain, one per kernel rule
 	Rules    []iptables.Rule // rules of Chain
 	Claims   []hostport.Claim
 	Mappings []config.Mapping
@@ -56,8 +56,11 @@ func DesiredFor(c *config.Config, owner hostport.Owner, f hostport.Family, podIP
 }
 
 // jumpRules groups ports by protocol (protocols sorted, ports in config order) into
-// multiport rules of at most 15 ports, in upstream's argument order.
+// multiport rules of at most 15 ports, in upstream's argument order. Each is one kernel
+// rule: where the conditions hold address lists, a rule per address pair, as iptables
+// would expand them, so that every verb sees the rules the kernel holds one by one.
 func jumpRules(chain, comment string, maps []config.Mapping, conds []string) []iptables.Rule {
+	condRules := config.ExpandConditions(conds)
 	byProto := map[string][]string{}
 	for _, m := range maps {
 		p := strconv.Itoa(m.HostPort)
@@ -75,11 +78,13 @@ func jumpRules(chain, comment string, maps []config.Mapping, conds []string) []i
 		ports := byProto[proto]
 		for len(ports) > 0 {
 			n := min(len(ports), maxMultiport)
-			args := []string{"-m", "comment", "--comment", comment, "-m", "multiport", "-p", proto,
-				"--destination-ports", strings.Join(ports[:n], ",")}
-			args = append(args, conds...)
-			args = append(args, "-j", chain)
-			out = append(out, iptables.Rule{Chain: state.DNATChain, Args: args})
+			for _, cs := range condRules {
+				args := []string{"-m", "comment", "--comment", comment, "-m", "multiport", "-p", proto,
+					"--destination-ports", strings.Join(ports[:n], ",")}
+				args = append(args, cs...)
+				args = append(args, "-j", chain)
+				out = append(out, iptables.Rule{Chain: state.DNATChain, Args: args})
+			}
 			ports = ports[n:]
 		}
 	}

@@ -366,3 +366,72 @@ func TestAddPartialTakeoverOfAVictimReadInPart(t *testing.T) {
 		})
 	}
 }
+
+// desiredWith is desired with extra configuration keys (a JSON fragment ending in a comma).
+func desiredWith(t *testing.T, id, keys, mappings string) Desired {
+	t.Helper()
+	c, err := config.Parse([]byte(`{"cniVersion":"1.0.0","name":"net","type":"portguard",`+keys+`"runtimeConfig":{"portMappings":[`+mappings+`]}}`), "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return DesiredFor(c, hostport.Owner{Network: "net", ContainerID: id}, hostport.V4, netip.MustParsePrefix("10.88.0.9/16"))
+}
+
+// TestAddressListsAreOneJumpPerKernelRule: iptables makes a rule per address pair of
+// "-s a,b -d c,d", so the attachment's jumps are planned that way, and CHECK counts them.
+func TestAddressListsAreOneJumpPerKernelRule(t *testing.T) {
+	d := desiredWith(t, "me", `"conditionsV4":["-s","198.51.100.0/24,203.0.113.7","-d","192.0.2.1/32,127.0.0.1/32"],`, m8080)
+	if len(d.Jumps) != 4 {
+		t.Fatalf("%d jumps for 2 sources x 2 destinations, want 4", len(d.Jumps))
+	}
+	// As iptables -S prints what the kernel holds after ADD.
+	var kernel []string
+	for _, src := range []string{"198.51.100.0/24", "203.0.113.7/32"} {
+		for _, dst := range []string{"192.0.2.1/32", "127.0.0.1/32"} {
+			kernel = append(kernel, fmt.Sprintf(`-A CNI-HOSTPORT-DNAT -s %s -d %s -p tcp -m comment --comment "dnat name: \"net\" id: \"me\"" -m multiport --dports 8080 -j %s`, src, dst, d.Chain))
+		}
+	}
+	healthy := append([]string{"-N CNI-HOSTPORT-DNAT"}, kernel...)
+	res := Check(table(t, []string{state.DNATChain}, healthy...), d)
+	if len(res.Problems) != 0 || len(res.Need) != 0 {
+		t.Fatalf("healthy attachment with address lists: problems %v need %v", res.Problems, res.Need)
+	}
+	for i, j := range d.Jumps {
+		if p := render(t, res.Tx); !strings.Contains(p, "-C CNI-HOSTPORT-DNAT "+j.Spec()+"\n") {
+			t.Errorf("jump %d is not asserted on its own:\n%s", i, p)
+		}
+	}
+	extra := append(append([]string(nil), healthy...), kernel[0])
+	res = Check(table(t, []string{state.DNATChain}, extra...), d)
+	if len(res.Problems) != 1 || !strings.Contains(res.Problems[0], "5 jump rules enter "+d.Chain+", 4 expected") {
+		t.Fatalf("an extra jump must still be found: %v", res.Problems)
+	}
+	// Re-ADD and DEL remove every expanded rule.
+	lines := append(append([]string(nil), healthy...), "-N "+d.Chain)
+	p := render(t, Add(table(t, []string{state.DNATChain}, lines...), d, config.PolicyTakeover).Tx)
+	if strings.Count(p, "-D CNI-HOSTPORT-DNAT") != 4 || strings.Count(p, "-I CNI-HOSTPORT-DNAT") != 4 {
+		t.Fatalf("re-ADD must replace all 4 kernel jumps:\n%s", p)
+	}
+	if p := render(t, DelBlind(d)); strings.Count(p, "-D CNI-HOSTPORT-DNAT") != 4 {
+		t.Fatalf("blind DEL must name all 4 kernel jumps:\n%s", p)
+	}
+	if p := render(t, Del(table(t, []string{state.DNATChain, d.Chain}, lines...), d.Chain).Tx); strings.Count(p, "-D CNI-HOSTPORT-DNAT") != 4 {
+		t.Fatalf("DEL must remove all 4 kernel jumps:\n%s", p)
+	}
+}
+
+// TestJumpsAreSplitByMultiportLimitThenByAddress: 16 ports make two multiport rules, and
+// each becomes one rule per listed address.
+func TestJumpsAreSplitByMultiportLimitThenByAddress(t *testing.T) {
+	var ms []string
+	for p := 9000; p < 9016; p++ {
+		ms = append(ms, fmt.Sprintf(`{"hostPort":%d,"containerPort":80,"protocol":"tcp"}`, p))
+	}
+	d := desiredWith(t, "me", `"conditionsV4":["-d","192.0.2.1,192.0.2.2"],`, strings.Join(ms, ","))
+	if len(d.Jumps) != 4 {
+		t.Fatalf("%d jumps, want 2 multiport rules x 2 addresses", len(d.Jumps))
+	}
+	if v := d.Jumps[3].Value("--destination-ports"); v != "9015" {
+		t.Fatalf("last jump has ports %q", v)
+	}
+}

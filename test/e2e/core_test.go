@@ -439,30 +439,32 @@ func TestInstalledAsPortmap(t *testing.T) {
 }
 
 // TestManyPorts: more than 15 host ports of one protocol are split over several multiport
-// jump rules, as upstream does, and all forward.
+// TestManyPorts: 20 TCP and 20 UDP host ports (more than multiport's 15 per rule) all
+// forward, from the client and from the node; CHECK passes; DEL leaves nothing.
 func TestManyPorts(t *testing.T) {
 	t.Parallel()
 	b, n := pgBed(t)
-	p := b.NewPod("many")
-	var maps []tb.PortMapping
-	for port := 9001; port <= 9017; port++ {
-		maps = append(maps, tb.TCP(port, 80))
-	}
-	n.MustAdd(p, maps...)
-	p.Serve()
+	a := b.NewPod("A")
+	maps := append(ports("tcp", 9100, 20), ports("udp", 9100, 20)...)
+	n.MustAdd(a, maps...)
+	a.Serve(80)
 	for _, f := range families {
-		if j := jumpsTo(b, f, p.Chain(n)); len(j) != 2 {
-			t.Errorf("%s: %d jump rules for 17 tcp ports, want 2 (15 + 2): %v", f, len(j), j)
+		if j := jumpsTo(b, f, a.Chain(n)); len(j) != 4 {
+			t.Errorf("%s: %d jumps, want 2 per protocol (15 + 5 ports): %v", f, len(j), j)
 		}
-		for _, port := range []int{9001, 9015, 9016, 9017} {
-			expectAnswer(t, "tcp", b.Client, b.NodeIP(f).String(), port, "many")
+		for _, m := range maps {
+			expectAnswer(t, m.Protocol, b.Client, b.NodeIP(f).String(), m.HostPort, "A")
 		}
 	}
-	if err := n.Check(p); err != nil {
+	for _, port := range []int{9100, 9114, 9115, 9119} {
+		expectAnswer(t, "tcp", b.Node, b.NodeIP4.String(), port, "A")
+	}
+	if err := n.Check(a); err != nil {
 		t.Errorf("CHECK: %v", err)
 	}
-	n.MustDel(p)
+	n.MustDel(a)
 	expectClean(t, b)
+	expectNoAnswer(t, "tcp", b.Client, b.NodeIP4.String(), 9119)
 }
 
 // TestInvalidMappingChangesNothing: an invalid mapping (hostPort out of range, unknown

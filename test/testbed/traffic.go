@@ -36,16 +36,34 @@ func stopProc(c *exec.Cmd) {
 // newline. It returns once all listeners are bound; they stop with the bed, Kill or
 // StopServing.
 func (p *Pod) Serve(ports ...int) {
+	p.Bed.T.Helper()
+	// TCP: the client sends nothing, echo answers and the connection closes. UDP: the child
+	// must consume the datagram socat writes to its stdin before answering, or socat can hit
+	// EPIPE and drop the answer.
+	p.serve("EXEC:/bin/echo "+p.Name, "SYSTEM:head -c1 >/dev/null; echo "+p.Name, ports)
+}
+
+// ServePeer is Serve with responders that answer "<name> <peer address>": the source
+// address the connection or datagram reached the pod with (after any masquerade), as
+// socat reports it (IPv6 in brackets; see PeerOf).
+func (p *Pod) ServePeer(ports ...int) {
+	p.Bed.T.Helper()
+	p.serve("SYSTEM:echo "+p.Name+" $SOCAT_PEERADDR", "SYSTEM:head -c1 >/dev/null; echo "+p.Name+" $SOCAT_PEERADDR", ports)
+}
+
+// PeerOf splits a ServePeer answer into the pod's name and the peer address (nil when the
+// answer carries none).
+func PeerOf(answer string) (string, net.IP) {
+	name, peer, _ := strings.Cut(answer, " ")
+	return name, net.ParseIP(strings.Trim(peer, "[]"))
+}
+
+func (p *Pod) serve(tcpReply, udpReply string, ports []int) {
 	b := p.Bed
 	b.T.Helper()
 	if len(ports) == 0 {
 		ports = []int{80}
 	}
-	// TCP: the client sends nothing, echo answers and the connection closes. UDP: the child
-	// must consume the datagram socat writes to its stdin before answering, or socat can hit
-	// EPIPE and drop the answer.
-	tcpReply := "EXEC:/bin/echo " + p.Name
-	udpReply := "SYSTEM:head -c1 >/dev/null; echo " + p.Name
 	for _, port := range ports {
 		for _, l := range []struct{ addr, proto, reply string }{
 			{fmt.Sprintf("TCP4-LISTEN:%d,reuseaddr,fork", port), "tcp", tcpReply},
