@@ -51,6 +51,9 @@ type Attachment struct {
 	Exists   bool // the chain exists (known only when Read)
 	Mappings []Mapping
 	Other    []iptables.Rule // rules of the chain that are not a mapping's
+	// Partial says only the chain's rules for some ports were read (ReadPart): Mappings
+	// lists those, and the attachment holds whatever else its jumps name.
+	Partial bool
 }
 
 // State is what one family's nat table looked like, as far as it was read.
@@ -59,6 +62,7 @@ type State struct {
 	Table       *iptables.Table
 	Jumps       []Jump // every rule of CNI-HOSTPORT-DNAT (that was read), in order
 	Attachments map[string]*Attachment
+	partial     map[string]bool // chains read in part (ReadPart)
 	// SharedShown says the shared chains were not read but the kernel was shown to hold
 	// the shared layout's rules (entry jumps, and SETMARK, MASQ and POSTROUTING's jump
 	// when masquerading) exactly, over netlink (nft.Conn.SharedLayout): a plan may take
@@ -118,6 +122,17 @@ func (s *State) Read(r iptables.Runner, chains ...string) error {
 	return nil
 }
 
+// ReadPart records rules of an attachment chain that was read only in part: its rules
+// for some ports (found by handle, see nft.TakenRules), not the whole chain.
+func (s *State) ReadPart(chain string, rules []iptables.Rule) {
+	if s.partial == nil {
+		s.partial = map[string]bool{}
+	}
+	s.partial[chain] = true
+	s.Table.Add(chain, rules...)
+	s.Refresh()
+}
+
 // Refresh rebuilds the model from the table.
 func (s *State) Refresh() {
 	s.Jumps = nil
@@ -140,7 +155,7 @@ func (s *State) Refresh() {
 	for _, name := range s.Table.Order {
 		if strings.HasPrefix(name, hostport.ChainPrefix) {
 			a := s.attachment(name)
-			a.Read, a.Exists = true, true
+			a.Read, a.Exists, a.Partial = true, true, s.partial[name]
 			a.Mappings, a.Other = parseMappings(s.Family, s.Table.Rules(name))
 		}
 	}
@@ -187,6 +202,9 @@ func (s *State) AttachmentsSorted() []*Attachment {
 	sort.Slice(out, func(i, j int) bool { return out[i].Chain < out[j].Chain })
 	return out
 }
+
+// ParseJump reads a rule of CNI-HOSTPORT-DNAT as a Jump (Index left 0).
+func ParseJump(r iptables.Rule) Jump { return parseJump(r) }
 
 func parseJump(r iptables.Rule) Jump {
 	j := Jump{Rule: r, Target: r.Target(), Proto: r.Value("-p", "--protocol")}

@@ -40,6 +40,7 @@ type options struct {
 	Drain, DrainPar int
 	DrainRuns       int
 	DrainMaxN       int // scenarios with more existing attachments skip the drain
+	Range           int // mappings of the TAKEOVER victim
 	Quick           bool
 	Command         string // how the bench was invoked, for the report
 	Payload         string // -payload: write the nat payload and exit
@@ -47,7 +48,7 @@ type options struct {
 	UpstreamBin     string
 }
 
-var allOps = []string{"ADD", "CHECK", "DEL", "DRAIN", "NOMAP"}
+var allOps = []string{"ADD", "CHECK", "DEL", "DRAIN", "NOMAP", "TAKEOVER"}
 
 func parseInts(s string) ([]int, error) {
 	var out []int
@@ -120,7 +121,8 @@ func parseFlags(args []string) (options, error) {
 	m := fs.String("m", "20000", "foreign kube-proxy-like nat rules (comma-separated list)")
 	n := fs.String("n", "0,100,1000,5000", "existing upstream-format host-port attachments (comma-separated list)")
 	runs := fs.Int("runs", 15, "timed ADD/CHECK/DEL runs per plugin and scenario")
-	only := fs.String("only", strings.ToLower(strings.Join(allOps, ",")), "subset of ops: add,check,del,drain,nomap")
+	only := fs.String("only", strings.ToLower(strings.Join(allOps, ",")), "subset of ops: add,check,del,drain,nomap,takeover")
+	rng := fs.Int("range", maxRange, "TAKEOVER: host-port mappings of the attachment (a podman port range) each timed ADD takes one port from")
 	out := fs.String("o", "", "also write the markdown report to this file")
 	drainN := fs.Int("drain", 100, "attachments in the drain (ADDed, then DELeted)")
 	par := fs.Int("par", 10, "parallel calls in the drain")
@@ -153,8 +155,11 @@ func parseFlags(args []string) (options, error) {
 		if !set["drain"] {
 			*drainN = 20
 		}
+		if !set["range"] {
+			*rng = 2000
+		}
 	}
-	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, DrainMaxN: *drainMaxN, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
+	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, DrainMaxN: *drainMaxN, Range: *rng, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
 	var err error
 	if o.Ms, err = parseInts(*m); err != nil {
 		return o, fmt.Errorf("-m: %v", err)
@@ -175,6 +180,16 @@ func parseFlags(args []string) (options, error) {
 	}
 	if o.Drain < 1 || o.Drain > maxDrain || o.DrainPar < 1 || o.DrainRuns < 1 {
 		return o, fmt.Errorf("-drain must be in 1..%d, -par and -drain-runs at least 1", maxDrain)
+	}
+	if o.Only["TAKEOVER"] {
+		if o.Range < 2 || o.Range > maxRange {
+			return o, fmt.Errorf("-range must be in 2..%d", maxRange)
+		}
+		for _, v := range o.Ns {
+			if v > maxRangeExisting {
+				return o, fmt.Errorf("-n: at most %d with the takeover op (its port range follows the existing attachments' ports)", maxRangeExisting)
+			}
+		}
 	}
 	o.Payload = *payload
 	o.Command = "go run ./test/bench"

@@ -188,7 +188,7 @@ func runOneScenario(ctx context.Context, cl *cleaner, opts options, plugins []pl
 		}
 	}
 	cfg := scenarioConfig{
-		M: m, N: n, Runs: opts.Runs, Ops: ops, Drain: opts.Drain, DrainPar: opts.DrainPar, DrainRuns: opts.DrainRuns,
+		M: m, N: n, Runs: opts.Runs, Ops: ops, Drain: opts.Drain, DrainPar: opts.DrainPar, DrainRuns: opts.DrainRuns, Range: opts.Range,
 		Plugins: plugins, WorkDir: dir, ResultFile: filepath.Join(dir, "result.json"),
 		Env: callEnv{PodNetns: "/var/run/netns/" + pod, LockFile: filepath.Join(dir, "portguard.lock"), ShimDir: shimDir, Self: self, WorkDir: dir},
 	}
