@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
@@ -56,8 +57,7 @@ func cmdGC(args []string, stdout, stderr io.Writer) error {
 		}
 		valid[id] = true
 	}
-	e := engine.New(*timeout)
-	e.Runner = newRunner(*timeout)
+	e := engine.NewWith(iptbackend.New(newRunner(*timeout)), *timeout)
 	removed, err := e.GC(*network, valid, cnicache.Owners(cnicache.Dir(), *network))
 	for _, o := range removed {
 		fmt.Fprintf(stdout, "removed %s (chain %s)\n", o, hostport.ChainName(o))

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/portguard/portguard/pkg/engine"
+	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/lock"
@@ -77,7 +77,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	if !*dry {
 		// Through the engine, so the iptables-restore child inherits the lock: a repair
 		// killed mid-payload keeps the lock held until the payload has landed.
-		l, err := engine.Hold(r, lock.Path(), lock.Exclusive, *timeout)
+		l, err := iptbackend.Hold(r, lock.Path(), lock.Exclusive, *timeout)
 		if err != nil {
 			return envError{err}
 		}
@@ -144,7 +144,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 			fmt.Fprintf(stdout, "%s: nothing to repair\n", p.s.Family)
 			continue
 		}
-		if err := engine.Apply(r, p.s.Family, p.res.Tx); err != nil {
+		if err := iptbackend.Apply(r, p.s.Family, p.res.Tx); err != nil {
 			failed = append(failed, fmt.Errorf("%s: %w (nothing of this family's repair was applied)", p.s.Family, err))
 			continue
 		}

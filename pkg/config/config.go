@@ -101,6 +101,27 @@ func (m Mapping) AppliesTo(f hostport.Family) bool {
 	return !m.HostIP.IsValid() || hostport.Of(m.HostIP) == f
 }
 
+// Claim is the host port the mapping claims in family f (which it must apply to): the
+// protocol, the port, and the host IP unless it listens on every address.
+func (m Mapping) Claim(f hostport.Family) hostport.Claim {
+	c := hostport.Claim{Family: f, Proto: m.Proto, HostPort: m.HostPort}
+	if !m.AnyHostIP() {
+		c.HostIP = m.HostIP
+	}
+	return c
+}
+
+// Claims lists, in mapping order, the claims of the mappings that apply to family f.
+func (c *Config) Claims(f hostport.Family) []hostport.Claim {
+	var out []hostport.Claim
+	for _, m := range c.Mappings {
+		if m.AppliesTo(f) {
+			out = append(out, m.Claim(f))
+		}
+	}
+	return out
+}
+
 // Config is the validated configuration of one call.
 type Config struct {
 	Raw                  *NetConf

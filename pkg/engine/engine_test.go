@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
@@ -29,7 +30,7 @@ func fakeEngine(t *testing.T) (*Engine, *iptablestest.Kernel) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Engine{Runner: k, LockPath: filepath.Join(t.TempDir(), "lock"), LockTimeout: 5 * time.Second}, k
+	return &Engine{Backend: &iptbackend.Backend{Runner: k}, LockPath: filepath.Join(t.TempDir(), "lock"), LockTimeout: 5 * time.Second}, k
 }
 
 func owner(id string) hostport.Owner { return hostport.Owner{Network: "knet", ContainerID: id} }
@@ -184,7 +185,7 @@ func TestAddTakeoverReadsVictimAndPlansAgain(t *testing.T) {
 func TestAddRetriesAfterParallelTakeoverOfTheSameVictim(t *testing.T) {
 	e, k := fakeEngine(t)
 	mustAdd(t, e, conf(t, "", m8080+","+m9090, "10.99.0.5/16"), "c1")
-	other := &Engine{Runner: k, LockPath: e.LockPath, LockTimeout: e.LockTimeout}
+	other := &Engine{Backend: &iptbackend.Backend{Runner: k}, LockPath: e.LockPath, LockTimeout: e.LockTimeout}
 	raced := false
 	k.BeforeRestore = func(f hostport.Family, payload string) {
 		if raced {

@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
@@ -53,7 +53,7 @@ func inNS(t *testing.T, ns string, args ...string) string {
 
 func newEngine(t *testing.T, ns string) (*Engine, *iptables.Exec) {
 	r := &iptables.Exec{WaitSeconds: 5, Prefix: []string{"ip", "netns", "exec", ns}}
-	return &Engine{Runner: r, LockPath: filepath.Join(t.TempDir(), "lock"), LockTimeout: 5 * time.Second}, r
+	return &Engine{Backend: &iptbackend.Backend{Runner: r}, LockPath: filepath.Join(t.TempDir(), "lock"), LockTimeout: 5 * time.Second}, r
 }
 
 func conf(t *testing.T, extra, mappings string, ips ...string) *config.Config {
@@ -297,7 +297,7 @@ func TestLockTimesOutAndSurvivesKill(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &Engine{Runner: iptablestest.MustNew(nil), LockPath: path, LockTimeout: 200 * time.Millisecond}
+	e := &Engine{Backend: &iptbackend.Backend{Runner: iptablestest.MustNew(nil)}, LockPath: path, LockTimeout: 200 * time.Millisecond}
 	_, err = e.GC("x", nil, nil)
 	var ce *types.Error
 	if !errors.As(err, &ce) || ce.Code != types.ErrTryAgainLater || !strings.Contains(ce.Msg, "timed out") {
@@ -406,44 +406,6 @@ func TestPortLocksSerialiseOnlyTheSamePort(t *testing.T) {
 	}
 }
 
-// Two ADDs of different ports that each take part of one victim (they run in parallel)
-// must not leave the victim's chain behind empty: the later payload fails whole, and the
-// replan removes the chain.
-func TestKernelInterleavedPartialTakeoversLeaveNoEmptyChain(t *testing.T) {
-	ns := netns(t)
-	e, _ := newEngine(t, ns)
-	victim := hostport.Owner{Network: "knet", ContainerID: "victim"}
-	both := conf(t, "", `{"hostPort":53,"containerPort":53,"protocol":"tcp"},{"hostPort":53,"containerPort":53,"protocol":"udp"}`, "10.99.0.5/16")
-	if _, err := e.Add(both, victim); err != nil {
-		t.Fatal(err)
-	}
-	ca := conf(t, "", `{"hostPort":53,"containerPort":53,"protocol":"tcp"}`, "10.99.0.6/16")
-	cb := conf(t, "", `{"hostPort":53,"containerPort":53,"protocol":"udp"}`, "10.99.0.7/16")
-	a, b := hostport.Owner{Network: "knet", ContainerID: "a"}, hostport.Owner{Network: "knet", ContainerID: "b"}
-	// Plan both from the same table, as two parallel ADDs would.
-	pa, err := e.planAdd(podDesired(ca, a)[0], config.PolicyTakeover)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pb, err := e.planAdd(podDesired(cb, b)[0], config.PolicyTakeover)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := Apply(e.Runner, hostport.V4, pa.res.Tx); err != nil {
-		t.Fatal(err)
-	}
-	var re *iptables.RestoreError
-	if err := Apply(e.Runner, hostport.V4, pb.res.Tx); !errors.As(err, &re) {
-		t.Fatalf("the second partial takeover applied on a stale plan: %v", err)
-	}
-	if _, err := e.applyAdd(pb, config.PolicyTakeover, true); err != nil {
-		t.Fatalf("replan after the refused payload: %v", err)
-	}
-	if out := inNS(t, ns, "iptables", "-t", "nat", "-S"); strings.Contains(out, hostport.ChainName(victim)) {
-		t.Fatalf("the victim's chain survived both takeovers:\n%s", out)
-	}
-}
-
 // A stream of overlapping shared holders (a drain's DELs) must not keep an exclusive
 // caller (GC, repair, the first ADD) out until it times out.
 func TestExclusiveLockIsNotStarvedBySharedHolders(t *testing.T) {
@@ -494,62 +456,4 @@ func TestKernelCheckAfterAddWithConditions(t *testing.T) {
 	if err := e.Check(c, o); err != nil {
 		t.Fatalf("CHECK right after ADD: %v", err)
 	}
-}
-
-// Three ADDs that together take all of one victim, each a different jump of it (31 ports:
-// three multiport jumps), planned from the same table: one asserted kept rule per payload
-// is enough to leave no empty chain. The first lands; the two others find their asserted
-// rule gone and are planned again, the last as the chain's removal.
-func TestKernelThreePartialTakeoversLeaveNoEmptyChain(t *testing.T) {
-	ns := netns(t)
-	e, _ := newEngine(t, ns)
-	mappings := func(lo, hi int) string {
-		var ms []string
-		for p := lo; p <= hi; p++ {
-			ms = append(ms, fmt.Sprintf(`{"hostPort":%d,"containerPort":80,"protocol":"tcp"}`, p))
-		}
-		return strings.Join(ms, ",")
-	}
-	victim := hostport.Owner{Network: "knet", ContainerID: "victim"}
-	if _, err := e.Add(conf(t, "", mappings(1000, 1030), "10.99.0.5/16"), victim); err != nil {
-		t.Fatal(err)
-	}
-	var plans []addPlan
-	for i, r := range [][2]int{{1000, 1014}, {1015, 1029}, {1030, 1030}} {
-		o := hostport.Owner{Network: "knet", ContainerID: fmt.Sprintf("taker%d", i)}
-		p, err := e.planAdd(podDesired(conf(t, "", mappings(r[0], r[1]), fmt.Sprintf("10.99.0.%d/16", 10+i)), o)[0], config.PolicyTakeover)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n := strings.Count(renderTx(t, p.res.Tx), "-C "+hostport.ChainName(victim)); r[0] != 1030 && n != 1 {
-			t.Fatalf("taker %d asserts %d rules of the victim, want 1", i, n)
-		}
-		plans = append(plans, p)
-	}
-	if err := Apply(e.Runner, hostport.V4, plans[0].res.Tx); err != nil {
-		t.Fatal(err)
-	}
-	var re *iptables.RestoreError
-	for i, p := range plans[1:] {
-		if err := Apply(e.Runner, hostport.V4, p.res.Tx); !errors.As(err, &re) {
-			t.Fatalf("taker %d applied on a stale plan: %v", i+1, err)
-		}
-	}
-	for i, p := range plans[1:] {
-		if _, err := e.applyAdd(p, config.PolicyTakeover, true); err != nil {
-			t.Fatalf("taker %d planned again: %v", i+1, err)
-		}
-	}
-	if out := inNS(t, ns, "iptables", "-t", "nat", "-S"); strings.Contains(out, hostport.ChainName(victim)) {
-		t.Fatalf("the victim's chain survived three takeovers that took all of it:\n%s", out)
-	}
-}
-
-func renderTx(t *testing.T, tx *iptables.Tx) string {
-	t.Helper()
-	s, err := tx.Render()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
 }

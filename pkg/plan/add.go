@@ -5,42 +5,17 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/portguard/portguard/pkg/backend"
 	"github.com/portguard/portguard/pkg/config"
-	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
-	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/state"
 )
 
-// Takeover records one other owner's claims removed so a new attachment can have its port.
-type Takeover struct {
-	Family       string           `json:"family"`
-	From         hostport.Owner   `json:"from"`
-	Chain        string           `json:"chain"`
-	Claims       []hostport.Claim `json:"claims"`
-	Destinations []string         `json:"destinations"`
-	ChainRemoved bool             `json:"chainRemoved"`
-	For          hostport.Owner   `json:"for"`
-	// Evidence is why the victim was judged stale (or, under conflictPolicy force, what
-	// was known of it); nil when nobody judged it.
-	Evidence *liveness.Evidence `json:"evidence,omitempty"`
-}
-
-// Conflict is another owner's mapping that overlaps a wanted claim.
-type Conflict struct {
-	Owner hostport.Owner
-	Chain string
-	Claim hostport.Claim
-	Dest  string
-}
-
-func (c Conflict) String() string {
-	owner := c.Owner.String()
-	if c.Owner.IsZero() {
-		owner = "chain " + c.Chain
-	}
-	return fmt.Sprintf("%s held by %s (-> %s)", c.Claim, owner, c.Dest)
-}
+// Takeover and Conflict are the backends' shared event vocabulary (pkg/backend).
+type (
+	Takeover = backend.Takeover
+	Conflict = backend.Conflict
+)
 
 // Result is what a verb's planner produced for one family.
 type Result struct {

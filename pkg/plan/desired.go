@@ -41,11 +41,7 @@ func DesiredFor(c *config.Config, owner hostport.Owner, f hostport.Family, podIP
 	for _, m := range c.Mappings {
 		if m.AppliesTo(f) {
 			d.Mappings = append(d.Mappings, m)
-			claim := hostport.Claim{Family: f, Proto: m.Proto, HostPort: m.HostPort}
-			if !m.AnyHostIP() {
-				claim.HostIP = m.HostIP
-			}
-			d.Claims = append(d.Claims, claim)
+			d.Claims = append(d.Claims, m.Claim(f))
 		}
 	}
 	d.Jumps = jumpRules(d.Chain, hostport.Comment(owner), d.Mappings, c.Conditions[f])

@@ -16,6 +16,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/testutils"
 
+	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
@@ -46,7 +47,7 @@ func withFake(t *testing.T) *iptablestest.Kernel {
 	lockPath := filepath.Join(t.TempDir(), "lock")
 	saved := newEngine
 	newEngine = func(timeout time.Duration) *engine.Engine {
-		return &engine.Engine{Runner: k, LockPath: lockPath, LockTimeout: timeout}
+		return &engine.Engine{Backend: &iptbackend.Backend{Runner: k}, LockPath: lockPath, LockTimeout: timeout}
 	}
 	t.Cleanup(func() { newEngine = saved })
 	t.Setenv("PORTGUARD_STATE_DIR", t.TempDir())

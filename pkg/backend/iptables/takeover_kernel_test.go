@@ -1,16 +1,15 @@
-package engine
+package iptbackend
 
 import (
 	"fmt"
 	"os/exec"
-	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/portguard/portguard/pkg/backend"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
@@ -18,19 +17,19 @@ import (
 )
 
 // Takeovers from a victim too big to read (nft.MinProbedRules and more): on nf_tables the
-// engine reads only its rules for the contested ports, by handle, and changes it over
-// netlink after the payload (nft.TakenRules, TakeFrom). These tests run the engine inside
+// backend reads only its rules for the contested ports, by handle, and changes it over
+// netlink after the payload (nft.TakenRules, TakeFrom). These tests run the backend inside
 // the namespace, as the plugin runs, so that netlink is used, and compare with the same
 // calls made through iptables alone.
 
-type nsEngine struct {
-	*Engine
+type nsBackend struct {
+	*Backend
 	t    *testing.T
 	name string
 	h    ns.NetNS
 }
 
-func newNSEngine(t *testing.T, netlink bool) *nsEngine {
+func newNSBackend(t *testing.T, netlink bool) *nsBackend {
 	t.Helper()
 	name := netns(t)
 	h, err := ns.GetNS("/var/run/netns/" + name)
@@ -38,8 +37,7 @@ func newNSEngine(t *testing.T, netlink bool) *nsEngine {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { h.Close() })
-	e := &nsEngine{t: t, name: name, h: h, Engine: &Engine{Runner: &iptables.Exec{WaitSeconds: 5},
-		LockPath: filepath.Join(t.TempDir(), "lock"), LockTimeout: 5 * time.Second, Netlink: netlink}}
+	e := &nsBackend{t: t, name: name, h: h, Backend: &Backend{Runner: &iptables.Exec{WaitSeconds: 5}, Netlink: netlink}}
 	if netlink {
 		usable := false
 		e.do(func() { usable = e.netlinkFor(hostport.V4) })
@@ -50,24 +48,24 @@ func newNSEngine(t *testing.T, netlink bool) *nsEngine {
 	return e
 }
 
-func (e *nsEngine) do(f func()) {
+func (e *nsBackend) do(f func()) {
 	e.t.Helper()
-	if err := e.h.Do(func(ns.NetNS) error { f(); defer e.closeNetlink(); return nil }); err != nil {
+	if err := e.h.Do(func(ns.NetNS) error { f(); defer e.Close(); return nil }); err != nil {
 		e.t.Fatal(err)
 	}
 }
 
-func (e *nsEngine) add(c *config.Config, o hostport.Owner) {
+func (e *nsBackend) add(c *config.Config, o hostport.Owner) {
 	e.t.Helper()
 	var err error
-	e.do(func() { _, err = e.Add(c, o) })
+	e.do(func() { _, err = e.Add(c, o, false, backend.Hooks{}) })
 	if err != nil {
 		e.t.Fatalf("ADD %s: %v", o, err)
 	}
 }
 
 // save is the nat table's lines, sorted (rule order aside), without comments and counters.
-func (e *nsEngine) save() string {
+func (e *nsBackend) save() string {
 	e.t.Helper()
 	out, err := exec.Command("ip", "netns", "exec", e.name, "iptables-save", "-t", "nat").Output()
 	if err != nil {
@@ -126,8 +124,8 @@ func TestKernelTakeoverFromABigVictimReadsItInPart(t *testing.T) {
 		{"mappings out of port order", span(2299, 2000), false, [][]int{{2100}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			fast, slow := newNSEngine(t, true), newNSEngine(t, false)
-			for _, e := range []*nsEngine{fast, slow} {
+			fast, slow := newNSBackend(t, true), newNSBackend(t, false)
+			for _, e := range []*nsBackend{fast, slow} {
 				e.add(conf(t, "", tcpRange(c.victim...), "10.99.0.5/16"), bigVictim)
 			}
 			for i, ports := range c.takers {
@@ -159,7 +157,7 @@ func TestKernelTakeoverFromABigVictimReadsItInPart(t *testing.T) {
 // Two ADDs planned from the same table, each taking a port of the same jump of a big
 // victim: the second finds the jump rewritten and rewrites the new one.
 func TestKernelBigVictimTwoTakersOfOneJump(t *testing.T) {
-	e := newNSEngine(t, true)
+	e := newNSBackend(t, true)
 	e.add(conf(t, "", tcpRange(span(2000, 2299)...), "10.99.0.5/16"), bigVictim)
 	var plans []addPlan
 	for i, port := range []int{2000, 2001} {
@@ -176,7 +174,7 @@ func TestKernelBigVictimTwoTakersOfOneJump(t *testing.T) {
 	}
 	for _, p := range plans {
 		var err error
-		e.do(func() { _, err = e.applyAdd(p, config.PolicyTakeover, true) })
+		e.do(func() { _, err = e.applyAdd(p, config.PolicyTakeover, true, backend.Hooks{}) })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -212,7 +210,7 @@ func TestKernelBigVictimTakenWholeByTwo(t *testing.T) {
 	old := nft.MinProbedRules
 	nft.MinProbedRules = 30 // the takers' probes must cost less than the victim's size
 	t.Cleanup(func() { nft.MinProbedRules = old })
-	e := newNSEngine(t, true)
+	e := newNSBackend(t, true)
 	e.add(conf(t, "", tcpRange(span(2000, 2049)...), "10.99.0.5/16"), bigVictim)
 	var plans []addPlan
 	for i, r := range [][2]int{{2000, 2001}, {2002, 2049}} {
@@ -229,7 +227,7 @@ func TestKernelBigVictimTakenWholeByTwo(t *testing.T) {
 	}
 	for _, p := range plans {
 		var err error
-		e.do(func() { _, err = e.applyAdd(p, config.PolicyTakeover, true) })
+		e.do(func() { _, err = e.applyAdd(p, config.PolicyTakeover, true, backend.Hooks{}) })
 		if err != nil {
 			t.Fatal(err)
 		}
