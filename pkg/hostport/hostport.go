@@ -83,6 +83,17 @@ func ValidNetworkName(name string) bool { return networkPattern.MatchString(name
 // ChainPrefix starts the name of every per-attachment DNAT chain.
 const ChainPrefix = "CNI-DN-"
 
+// The shared chains and comments of upstream portmap's iptables layout; they must never
+// change, or nodes could not switch between portmap and portguard.
+const (
+	DNATChain    = "CNI-HOSTPORT-DNAT"
+	SetMarkChain = "CNI-HOSTPORT-SETMARK"
+	MasqChain    = "CNI-HOSTPORT-MASQ"
+
+	MasqJumpComment = "CNI portfwd requiring masquerade"
+	SetMarkComment  = "CNI portfwd masquerade mark"
+)
+
 // ChainName is the per-attachment chain upstream portmap uses: "CNI-DN-" followed by the
 // first 21 hex digits of sha512(network name + container ID). Keeping it lets portguard
 // take over chains that upstream created, and upstream DEL remove portguard's.

@@ -171,12 +171,12 @@ func TestKernelExcerpt(t *testing.T) {
 		}
 		var ex Excerpt
 		var exists, ok bool
-		n.do(func() { ex, exists, ok = c.Excerpt(f, state.DNATChain, own, claims) })
+		n.do(func() { ex, exists, ok = c.Excerpt(f, hostport.DNATChain, own, claims) })
 		if !ok || !exists || ex.Len != 46 {
 			t.Fatalf("%s: Excerpt = exists %v, ok %v, len %d", f, exists, ok, ex.Len)
 		}
 		all := iptables.NewTable()
-		if err := exe.List(f, state.DNATChain, all); err != nil {
+		if err := exe.List(f, hostport.DNATChain, all); err != nil {
 			t.Fatal(err)
 		}
 		wantPos := []int{40, 42, 43, 44}
@@ -184,14 +184,14 @@ func TestKernelExcerpt(t *testing.T) {
 			t.Fatalf("%s: kept positions %v, want %v", f, ex.Pos, wantPos)
 		}
 		for i, p := range wantPos {
-			if w := all.Rules(state.DNATChain)[p]; !reflect.DeepEqual(ex.Rules[i], w) {
+			if w := all.Rules(hostport.DNATChain)[p]; !reflect.DeepEqual(ex.Rules[i], w) {
 				t.Errorf("%s: rule %d\n  excerpt: %q\n  iptables: %q", f, p, ex.Rules[i].Args, w.Args)
 			}
 		}
 
 		// The model built from the excerpt numbers the kernel's positions.
 		tab := iptables.NewTable()
-		tab.Add(state.DNATChain, ex.Rules...)
+		tab.Add(hostport.DNATChain, ex.Rules...)
 		s := state.NewExcerpt(f, tab, ex.Pos)
 		if a := s.Attachments[own]; a == nil || len(a.Jumps) != 2 || a.Jumps[0].Index != 42 || a.Owner.ContainerID != "own" {
 			t.Fatalf("%s: own attachment from the excerpt: %+v", f, a)
@@ -199,18 +199,18 @@ func TestKernelExcerpt(t *testing.T) {
 
 		// An unknown shape anywhere in the chain: declined.
 		n.run("*nat\n-A CNI-HOSTPORT-DNAT -i eth0 -p tcp --dport 1 -j CNI-DN-other\nCOMMIT\n", restoreTool(f), "--noflush", "-w")
-		n.do(func() { _, _, ok = c.Excerpt(f, state.DNATChain, own, claims) })
+		n.do(func() { _, _, ok = c.Excerpt(f, hostport.DNATChain, own, claims) })
 		if ok {
 			t.Errorf("%s: Excerpt accepted a chain with an interface match", f)
 		}
 		// An empty chain exists; a missing one does not.
 		n.run("*nat\n-F CNI-HOSTPORT-DNAT\nCOMMIT\n", restoreTool(f), "--noflush", "-w")
-		n.do(func() { ex, exists, ok = c.Excerpt(f, state.DNATChain, own, claims) })
+		n.do(func() { ex, exists, ok = c.Excerpt(f, hostport.DNATChain, own, claims) })
 		if !ok || !exists || ex.Len != 0 {
 			t.Errorf("%s: empty chain: exists %v, ok %v, len %d", f, exists, ok, ex.Len)
 		}
 		n.run("*nat\n-X CNI-HOSTPORT-DNAT\nCOMMIT\n", restoreTool(f), "--noflush", "-w")
-		n.do(func() { ex, exists, ok = c.Excerpt(f, state.DNATChain, own, claims) })
+		n.do(func() { ex, exists, ok = c.Excerpt(f, hostport.DNATChain, own, claims) })
 		if !ok || exists {
 			t.Errorf("%s: missing chain: exists %v, ok %v", f, exists, ok)
 		}

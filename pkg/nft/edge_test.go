@@ -21,14 +21,14 @@ import (
 func observeBoth(t *testing.T, n *node, f hostport.Family) (viaIptables, viaNetlink *state.State, fellBack []string) {
 	t.Helper()
 	exe := &iptables.Exec{WaitSeconds: 5, Prefix: []string{"ip", "netns", "exec", n.name}}
-	want, err := state.Observe(exe, f, state.DNATChain)
+	want, err := state.Observe(exe, f, hostport.DNATChain)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := n.conn()
 	rec := &recorder{inner: exe}
 	var got *state.State
-	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, f, state.DNATChain) })
+	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, f, hostport.DNATChain) })
 	if err != nil {
 		t.Fatal(err)
 	}

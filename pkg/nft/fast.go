@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/portguard/portguard/pkg/hostport"
-	"github.com/portguard/portguard/pkg/state"
 )
 
 // Usable reports whether family f's nat rules can be read and deleted here, in this
@@ -79,10 +78,10 @@ func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err
 	}
 	guess++
 	jump := uint64(0)
-	if r, ok, err := c.Rule(f, state.DNATChain, guess); err == nil && ok && r.Jump() == chain {
+	if r, ok, err := c.Rule(f, hostport.DNATChain, guess); err == nil && ok && r.Jump() == chain {
 		jump = r.Handle
 	} else {
-		all, ok, err := c.Rules(f, state.DNATChain)
+		all, ok, err := c.Rules(f, hostport.DNATChain)
 		if err != nil || !ok {
 			return false, err
 		}
@@ -98,7 +97,7 @@ func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err
 			return false, nil // the reference is outside CNI-HOSTPORT-DNAT
 		}
 	}
-	if err := c.Commit(DeleteRule(f, state.DNATChain, jump), DeleteChain(f, chain)); err != nil {
+	if err := c.Commit(DeleteRule(f, hostport.DNATChain, jump), DeleteChain(f, chain)); err != nil {
 		return false, err
 	}
 	return true, nil

@@ -244,14 +244,14 @@ func TestKernelReaderEqualsIptables(t *testing.T) {
 COMMIT
 `)
 	exe := &iptables.Exec{WaitSeconds: 5, Prefix: []string{"ip", "netns", "exec", n.name}}
-	want, err := state.Observe(exe, hostport.V4, state.DNATChain)
+	want, err := state.Observe(exe, hostport.V4, hostport.DNATChain)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c := n.conn()
 	rec := &recorder{inner: exe}
 	var got *state.State
-	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, state.DNATChain) })
+	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, hostport.DNATChain) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,15 +264,15 @@ COMMIT
 
 	// A jump with address conditions is decoded too.
 	n.restore("*nat\n-A CNI-HOSTPORT-DNAT -d 192.0.2.1/32 -p tcp -m comment --comment \"dnat name: \\\"x\\\" id: \\\"y\\\"\" -m multiport --dports 1234 -j CNI-DN-aaaaaaaaaaaaaaaaaaaaa\nCOMMIT\n")
-	want, _ = state.Observe(exe, hostport.V4, state.DNATChain)
-	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, state.DNATChain) })
+	want, _ = state.Observe(exe, hostport.V4, hostport.DNATChain)
+	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, hostport.DNATChain) })
 	if err != nil || len(rec.listed) != 0 || !reflect.DeepEqual(got.Jumps, want.Jumps) {
 		t.Fatalf("with a condition: err %v, fell back for %v, jumps equal %v", err, rec.listed, reflect.DeepEqual(got.Jumps, want.Jumps))
 	}
 	// A jump with an interface condition is a shape the reader does not know: iptables reads it.
 	n.restore("*nat\n-A CNI-HOSTPORT-DNAT -i eth0 -p tcp -m comment --comment \"dnat name: \\\"x\\\" id: \\\"y\\\"\" -m multiport --dports 1234 -j CNI-DN-aaaaaaaaaaaaaaaaaaaaa\nCOMMIT\n")
-	want, _ = state.Observe(exe, hostport.V4, state.DNATChain)
-	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, state.DNATChain) })
+	want, _ = state.Observe(exe, hostport.V4, hostport.DNATChain)
+	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, hostport.DNATChain) })
 	if err != nil || len(rec.listed) != 1 || !reflect.DeepEqual(got.Jumps, want.Jumps) {
 		t.Fatalf("with an interface: err %v, fell back for %v, jumps equal %v", err, rec.listed, reflect.DeepEqual(got.Jumps, want.Jumps))
 	}
@@ -283,9 +283,9 @@ COMMIT
 	n.run("", "iptables", "-t", "nat", "-F", "OUTPUT")
 	n.run("", "iptables", "-t", "nat", "-X", "CNI-HOSTPORT-DNAT")
 	rec.listed = nil
-	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, state.DNATChain) })
-	if err != nil || len(rec.listed) != 0 || !got.Table.Absent(state.DNATChain) {
-		t.Fatalf("missing chain: err %v, fell back for %v, absent %v", err, rec.listed, got.Table.Absent(state.DNATChain))
+	n.do(func() { got, err = state.Observe(&Reader{Runner: rec, Conn: c}, hostport.V4, hostport.DNATChain) })
+	if err != nil || len(rec.listed) != 0 || !got.Table.Absent(hostport.DNATChain) {
+		t.Fatalf("missing chain: err %v, fell back for %v, absent %v", err, rec.listed, got.Table.Absent(hostport.DNATChain))
 	}
 }
 

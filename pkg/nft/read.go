@@ -8,7 +8,6 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
-	"github.com/portguard/portguard/pkg/state"
 )
 
 // Reader reads CNI-HOSTPORT-DNAT over netlink into the table as the rules
@@ -25,7 +24,7 @@ type Reader struct {
 }
 
 func (r *Reader) List(f hostport.Family, chain string, t *iptables.Table) error {
-	if chain == state.DNATChain || r.Attachments && strings.HasPrefix(chain, hostport.ChainPrefix) {
+	if chain == hostport.DNATChain || r.Attachments && strings.HasPrefix(chain, hostport.ChainPrefix) {
 		if rules, exists, ok := r.Conn.ReadChain(f, chain); ok {
 			if !exists {
 				t.Missing[chain] = true
@@ -70,7 +69,7 @@ func (c *Conn) SharedLayout(f hostport.Family, masq bool, markBit int) (bool, er
 	entry := func(r Rule) bool {
 		info, ok := r.Xt("match", "addrtype", 1)
 		// struct xt_addrtype_info_v1 {u16 source, dest; u32 flags}: dest LOCAL (1 << RTN_LOCAL).
-		return ok && r.Jump() == state.DNATChain && shape(r, "match", "immediate") && len(info) >= 8 &&
+		return ok && r.Jump() == hostport.DNATChain && shape(r, "match", "immediate") && len(info) >= 8 &&
 			binary.NativeEndian.Uint16(info[0:]) == 0 && binary.NativeEndian.Uint16(info[2:]) == 1<<unix.RTN_LOCAL &&
 			binary.NativeEndian.Uint32(info[4:]) == 0
 	}
@@ -83,14 +82,14 @@ func (c *Conn) SharedLayout(f hostport.Family, masq bool, markBit int) (bool, er
 		bit := uint32(1) << uint(markBit)
 		checks = append(checks,
 			check{"POSTROUTING", func(r Rule) bool {
-				return r.Jump() == state.MasqChain && shape(r, "match", "immediate") && comment(r) == state.MasqJumpComment
+				return r.Jump() == hostport.MasqChain && shape(r, "match", "immediate") && comment(r) == hostport.MasqJumpComment
 			}},
-			check{state.SetMarkChain, func(r Rule) bool {
+			check{hostport.SetMarkChain, func(r Rule) bool {
 				info, ok := r.Xt("target", "MARK", 2) // struct xt_mark_tginfo2 {u32 mark, mask}
-				return ok && shape(r, "match", "target") && comment(r) == state.SetMarkComment && len(info) >= 8 &&
+				return ok && shape(r, "match", "target") && comment(r) == hostport.SetMarkComment && len(info) >= 8 &&
 					binary.NativeEndian.Uint32(info[0:]) == bit && binary.NativeEndian.Uint32(info[4:]) == bit
 			}},
-			check{state.MasqChain, func(r Rule) bool {
+			check{hostport.MasqChain, func(r Rule) bool {
 				info, ok := r.Xt("target", "MASQUERADE", 0)
 				return ok && plainMasquerade(f, info) && shape(r, "meta", "bitwise", "cmp", "target") && markTest(r, bit)
 			}})

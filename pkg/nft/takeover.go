@@ -10,7 +10,6 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
-	"github.com/portguard/portguard/pkg/state"
 )
 
 // A takeover of one port from a big attachment (a podman port range: 20,000 mappings,
@@ -50,7 +49,7 @@ func (c *Conn) TakenRules(f hostport.Family, chain, proto string, ports []int) (
 	if err != nil || !exists || int(ch.Use) < MinProbedRules { // Use counts its rules and more
 		return t, false, err
 	}
-	jumps, _, err := c.Rules(f, state.DNATChain)
+	jumps, _, err := c.Rules(f, hostport.DNATChain)
 	if err != nil {
 		return t, false, err
 	}
@@ -243,7 +242,7 @@ func (c *Conn) takeFrom(f hostport.Family, chain string, drop map[string][]int, 
 	if _, exists, err := c.Chain(f, chain); err != nil || !exists {
 		return err
 	}
-	jumps, _, err := c.Rules(f, state.DNATChain)
+	jumps, _, err := c.Rules(f, hostport.DNATChain)
 	if err != nil {
 		return err
 	}
@@ -285,12 +284,12 @@ func (c *Conn) takeFrom(f hostport.Family, chain string, drop map[string][]int, 
 		case !changed:
 			left++
 		case len(keep) == 0:
-			ops = append(ops, DeleteRule(f, state.DNATChain, r.Handle))
+			ops = append(ops, DeleteRule(f, hostport.DNATChain, r.Handle))
 		case ranges || len(keep) > multiportMax:
 			return fmt.Errorf("jump %d into %s holds port ranges", r.Handle, chain)
 		default:
 			left++
-			ops = append(ops, insertAfter(f, r, ri.proto, withPorts(info, keep)), DeleteRule(f, state.DNATChain, r.Handle))
+			ops = append(ops, insertAfter(f, r, ri.proto, withPorts(info, keep)), DeleteRule(f, hostport.DNATChain, r.Handle))
 		}
 	}
 	if left == 0 {
@@ -343,7 +342,7 @@ func insertAfter(f hostport.Family, r Rule, proto byte, info []byte) Op {
 	compat.attr(unix.NFTA_RULE_COMPAT_PROTO, binary.BigEndian.AppendUint32(nil, uint32(proto)))
 	compat.attr(unix.NFTA_RULE_COMPAT_FLAGS, binary.BigEndian.AppendUint32(nil, 0))
 	m := newMsg(nftType(unix.NFT_MSG_NEWRULE), unix.NLM_F_REQUEST|unix.NLM_F_ACK|unix.NLM_F_CREATE|unix.NLM_F_APPEND, family(f))
-	m.str(unix.NFTA_RULE_TABLE, "nat").str(unix.NFTA_RULE_CHAIN, state.DNATChain)
+	m.str(unix.NFTA_RULE_TABLE, "nat").str(unix.NFTA_RULE_CHAIN, hostport.DNATChain)
 	m.u64(unix.NFTA_RULE_POSITION, r.Handle)
 	m.attr(unix.NFTA_RULE_EXPRESSIONS|unix.NLA_F_NESTED, exprs.data)
 	m.attr(unix.NFTA_RULE_COMPAT|unix.NLA_F_NESTED, compat.data)

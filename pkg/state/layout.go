@@ -6,18 +6,18 @@ package state
 import (
 	"fmt"
 
+	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 )
 
-// Chain names upstream portmap uses; they must never change, or nodes could not switch
-// between portmap and portguard.
+// Chain names upstream portmap uses (pkg/hostport holds them, for the transports too).
 const (
-	DNATChain    = "CNI-HOSTPORT-DNAT"
-	SetMarkChain = "CNI-HOSTPORT-SETMARK"
-	MasqChain    = "CNI-HOSTPORT-MASQ"
+	DNATChain    = hostport.DNATChain
+	SetMarkChain = hostport.SetMarkChain
+	MasqChain    = hostport.MasqChain
 
-	MasqJumpComment = "CNI portfwd requiring masquerade"
-	SetMarkComment  = "CNI portfwd masquerade mark"
+	MasqJumpComment = hostport.MasqJumpComment
+	SetMarkComment  = hostport.SetMarkComment
 )
 
 // EntryChains send locally-addressed traffic into CNI-HOSTPORT-DNAT.
