@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/portguard/portguard/pkg/backend"
 	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
@@ -40,7 +41,7 @@ const (
 	m9090 = `{"hostPort":9090,"containerPort":90,"protocol":"tcp"}`
 )
 
-func mustAdd(t *testing.T, e *Engine, c *config.Config, id string) []plan.Takeover {
+func mustAdd(t *testing.T, e *Engine, c *config.Config, id string) []backend.Takeover {
 	t.Helper()
 	tk, err := e.Add(c, owner(id))
 	if err != nil {
@@ -160,8 +161,8 @@ func TestAddRestoresSharedRuleRemovedBehindItsBack(t *testing.T) {
 func TestAddTakeoverReadsVictimAndPlansAgain(t *testing.T) {
 	e, k := fakeEngine(t)
 	mustAdd(t, e, conf(t, "", m8080, "10.99.0.5/16"), "c1")
-	var heard []plan.Takeover
-	e.OnTakeover = func(tk plan.Takeover) { heard = append(heard, tk) }
+	var heard []backend.Takeover
+	e.OnTakeover = func(tk backend.Takeover) { heard = append(heard, tk) }
 	k.ResetCalls()
 	tk := mustAdd(t, e, conf(t, "", m8080, "10.99.0.6/16"), "c2")
 	victim := hostport.ChainName(owner("c1"))

@@ -25,7 +25,7 @@ import (
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/localnet"
-	"github.com/portguard/portguard/pkg/plan"
+	"github.com/portguard/portguard/pkg/backend"
 )
 
 func main() {
@@ -201,8 +201,8 @@ func udpPorts(c *config.Config, f hostport.Family) []int {
 	return out
 }
 
-func takeoverLogger(file string) func(plan.Takeover) {
-	return func(t plan.Takeover) {
+func takeoverLogger(file string) func(backend.Takeover) {
+	return func(t backend.Takeover) {
 		logEvent(file, map[string]any{"event": "takeover", "takeover": t})
 	}
 }
