@@ -17,6 +17,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/cni/pkg/version"
 
+	"github.com/portguard/portguard/pkg/backend"
 	"github.com/portguard/portguard/pkg/buildinfo"
 	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/config"
@@ -25,7 +26,6 @@ import (
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/localnet"
-	"github.com/portguard/portguard/pkg/backend"
 )
 
 func main() {
