@@ -75,7 +75,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	}
 	r := newRunner(*timeout)
 	if !*dry {
-		// Through the engine, so the iptables-restore child inherits the lock: a repair
+		// Through the iptables backend, so the iptables-restore child inherits the lock: a repair
 		// killed mid-payload keeps the lock held until the payload has landed.
 		l, err := iptbackend.Hold(r, lock.Path(), lock.Exclusive, *timeout)
 		if err != nil {

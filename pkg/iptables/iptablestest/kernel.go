@@ -1,5 +1,5 @@
 // Package iptablestest is a stateful stand-in for the kernel's nat tables, for unit tests
-// of what reads, plans and writes them (pkg/plan, pkg/engine, the plugin) without root.
+// of what reads, plans and writes them (pkg/plan, pkg/backend/iptables, pkg/engine, the plugin) without root.
 // Test code only: production code never imports it.
 package iptablestest
 
