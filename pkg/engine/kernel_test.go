@@ -1,10 +1,7 @@
 package engine
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -13,62 +10,27 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/portguard/portguard/pkg/backend/backendtest"
 	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
-	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/iptables/iptablestest"
 	"github.com/portguard/portguard/pkg/lock"
 )
 
+// The namespace and configuration helpers are shared with the other kernel tests.
+var (
+	netns = backendtest.NetNS
+	inNS  = backendtest.InNS
+	conf  = backendtest.Conf
+)
+
 // These tests run the real iptables in a throwaway network namespace. They prove the
 // transactions against the kernel; packets are proven in test/e2e.
-
-func netns(t *testing.T) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
-	if _, err := exec.LookPath("iptables-restore"); err != nil {
-		t.Skip("iptables not installed")
-	}
-	b := make([]byte, 4)
-	rand.Read(b)
-	name := "pgk-" + hex.EncodeToString(b)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	return name
-}
-
-func inNS(t *testing.T, ns string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%v: %v\n%s", args, err, out)
-	}
-	return string(out)
-}
 
 func newEngine(t *testing.T, ns string) (*Engine, *iptables.Exec) {
 	r := &iptables.Exec{WaitSeconds: 5, Prefix: []string{"ip", "netns", "exec", ns}}
 	return &Engine{Backend: &iptbackend.Backend{Runner: r}, LockPath: filepath.Join(t.TempDir(), "lock"), LockTimeout: 5 * time.Second}, r
-}
-
-func conf(t *testing.T, extra, mappings string, ips ...string) *config.Config {
-	t.Helper()
-	var ipj []string
-	for _, ip := range ips {
-		ipj = append(ipj, `{"address":"`+ip+`","interface":0}`)
-	}
-	c, err := config.Parse([]byte(`{"cniVersion":"1.0.0","name":"knet","type":"portguard",`+extra+`
-		"runtimeConfig":{"portMappings":[`+mappings+`]},
-		"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}],"ips":[`+strings.Join(ipj, ",")+`]}}`), "eth0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 const foreign = `*nat

@@ -1,50 +1,27 @@
 package iptbackend
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
-	"os/exec"
 	"strings"
 	"testing"
 
 	"github.com/portguard/portguard/pkg/backend"
+	"github.com/portguard/portguard/pkg/backend/backendtest"
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 )
 
+// The namespace and configuration helpers are shared with the other kernel tests.
+var (
+	netns = backendtest.NetNS
+	inNS  = backendtest.InNS
+	conf  = backendtest.Conf
+)
+
 // These tests run the real iptables in a throwaway network namespace and drive the
 // backend's planning and applying directly, interleaved as parallel ADDs would be.
-
-func netns(t *testing.T) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
-	if _, err := exec.LookPath("iptables-restore"); err != nil {
-		t.Skip("iptables not installed")
-	}
-	b := make([]byte, 4)
-	rand.Read(b)
-	name := "pgk-" + hex.EncodeToString(b)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
-	return name
-}
-
-func inNS(t *testing.T, ns string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%v: %v\n%s", args, err, out)
-	}
-	return string(out)
-}
 
 func owner(id string) hostport.Owner { return hostport.Owner{Network: "knet", ContainerID: id} }
 
@@ -66,21 +43,6 @@ func mustAdd(t *testing.T, b *Backend, c *config.Config, o hostport.Owner) {
 	if _, err := b.Add(c, o, false, backend.Hooks{}); err != nil {
 		t.Fatalf("ADD %s: %v", o, err)
 	}
-}
-
-func conf(t *testing.T, extra, mappings string, ips ...string) *config.Config {
-	t.Helper()
-	var ipj []string
-	for _, ip := range ips {
-		ipj = append(ipj, `{"address":"`+ip+`","interface":0}`)
-	}
-	c, err := config.Parse([]byte(`{"cniVersion":"1.0.0","name":"knet","type":"portguard",`+extra+`
-		"runtimeConfig":{"portMappings":[`+mappings+`]},
-		"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}],"ips":[`+strings.Join(ipj, ",")+`]}}`), "eth0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 // Two ADDs of different ports that each take part of one victim (they run in parallel)
