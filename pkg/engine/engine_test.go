@@ -2,11 +2,14 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/portguard/portguard/pkg/backend"
 	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
@@ -357,5 +360,28 @@ func TestCheckAfterAddAndAfterOutsideChange(t *testing.T) {
 	}
 	if err := e.Check(c, owner("c1")); err == nil || !strings.Contains(err.Error(), "CHECK of") {
 		t.Fatalf("CHECK with the DNAT rule gone: %v", err)
+	}
+}
+
+// xtablesLocked is a nat table whose every iptables-restore times out on the xtables lock
+// (iptables-legacy beside a busy kube-proxy).
+type xtablesLocked struct{ *iptablestest.Kernel }
+
+func (xtablesLocked) Restore(hostport.Family, string) error {
+	return fmt.Errorf("%w after 5s", iptables.ErrXtablesLock)
+}
+
+// The xtables lock held too long is CNI error 11 (try again later), for ADD and DEL alike:
+// the backend marks it busy, the engine gives it its code.
+func TestXtablesLockIsTryAgainLater(t *testing.T) {
+	e, k := fakeEngine(t)
+	e.Backend = &iptbackend.Backend{Runner: xtablesLocked{k}}
+	c := conf(t, "", m8080, "10.99.0.5/16")
+	var ce *types.Error
+	if _, err := e.Add(c, owner("c1")); !errors.As(err, &ce) || ce.Code != types.ErrTryAgainLater || !strings.Contains(ce.Msg, "xtables lock") {
+		t.Fatalf("ADD: want CNI error 11 naming the xtables lock, got %#v", err)
+	}
+	if err := e.Del(c, owner("c1")); !errors.As(err, &ce) || ce.Code != types.ErrTryAgainLater {
+		t.Fatalf("DEL: want CNI error 11, got %#v", err)
 	}
 }
