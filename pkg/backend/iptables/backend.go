@@ -61,9 +61,9 @@ func (b *Backend) conn(f hostport.Family) *nft.Conn {
 	return b.nl
 }
 
-// Close closes the netlink socket. The engine calls it before releasing the lock: after a commit that
-// deleted rules the kernel holds the close for an RCU grace period, and a call must not
-// look finished (its lock free) while it is still at work in nf_tables.
+// Close closes the netlink socket. The engine calls it before releasing the lock: after a
+// commit that deleted rules the kernel holds the close for an RCU grace period, and a call
+// must not look finished (its lock free) while it is still at work in nf_tables.
 func (b *Backend) Close() {
 	if b.nl != nil {
 		b.nl.Close()
@@ -98,8 +98,8 @@ func (b *Backend) HandOver(l *lock.Lock) { handOver(b.Runner, l) }
 // Hold takes the host-wide lock at path in mode, waiting up to timeout (errors as
 // lock.Acquire), and hands it to every iptables child r starts (when r runs the real
 // binaries), so that a child outliving a killed caller keeps the lock until its payload
-// has landed. Every writer of the nat table (plugin verbs, portguardctl repair) takes the
-// lock through here.
+// has landed. portguardctl repair takes the lock through here; the engine takes it itself
+// and hands it to the backend (HandOver), which hands it on the same way.
 func Hold(r iptables.Runner, path string, mode lock.Mode, timeout time.Duration) (*lock.Lock, error) {
 	l, err := lock.Acquire(path, mode, timeout)
 	if err != nil {
