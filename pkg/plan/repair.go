@@ -204,7 +204,14 @@ func RepairScoped(s *state.State, keep map[hostport.Owner]bool, j Liveness, scop
 		}
 		v.a = &ac
 		t, _ := takeOver(tx, dnat, v, Desired{Family: s.Family, Owner: l.for_}, true) // repair holds the lock exclusively
-		rec := RepairRemoval{Family: t.Family, Owner: t.From, Chain: t.Chain, Claims: t.Claims, Destinations: t.Destinations, ChainRemoved: t.ChainRemoved}
+		rec := RepairRemoval{Family: t.Family, Owner: t.From, Chain: t.Chain, Claims: t.Claims, ChainRemoved: t.ChainRemoved}
+		for _, m := range v.lost { // a jump port without DNAT rule has no destination: ""
+			d := ""
+			if m.Dest.IsValid() {
+				d = m.Dest.String()
+			}
+			rec.Destinations = append(rec.Destinations, d)
+		}
 		if !l.for_.IsZero() {
 			f := l.for_
 			rec.KeptFor = &f

@@ -167,6 +167,11 @@ func TestRepairRecordsRemovals(t *testing.T) {
 			if r.KeptFor == nil || *r.KeptFor != ownerNew || fmt.Sprint(r.Destinations) != "[10.88.0.2:80]" {
 				t.Errorf("old's record: kept for %v, destinations %v", r.KeptFor, r.Destinations)
 			}
+		case r.Chain == ch(ownerBad):
+			// the jump port without a DNAT rule has no destination
+			if fmt.Sprintf("%q", r.Destinations) != `["" "10.88.0.9:80"]` {
+				t.Errorf("bad's destinations %q", r.Destinations)
+			}
 		case r.Chain == ch(ownerNew):
 			if !strings.HasPrefix(r.Rule, "-A CNI-HOSTPORT-DNAT ") || !strings.Contains(r.Rule, "--dports 8080") {
 				t.Errorf("repeated jump's record names rule %q", r.Rule)
