@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/liveness"
 )
 
 var (
@@ -194,5 +195,44 @@ func TestParsePortScope(t *testing.T) {
 		if _, _, err := ParsePortScope(in); err == nil || !strings.Contains(err.Error(), "--port") {
 			t.Errorf("%q: accepted or unclear error: %v", in, err)
 		}
+	}
+}
+
+// A removal records its owner's liveness judgement: stale evidence for a stale owner, and
+// the live owner's own when --keep takes its port; without a judge, none.
+func TestRepairRemovalCarriesEvidence(t *testing.T) {
+	text := blogState(t)
+	for _, tc := range []struct {
+		name  string
+		j     Liveness
+		keep  map[hostport.Owner]bool
+		state string // ownerState of old's removal
+	}{
+		{"no judge", nil, nil, ""},
+		{"stale owner", fakeLiveness{}, nil, "stale"},
+		{"live owner taken by --keep", fakeLiveness{states: map[hostport.Owner]liveness.State{ownerOld: liveness.Alive}}, map[hostport.Owner]bool{ownerNew: true}, "alive"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res, err := Repair(stateOf(t, text), tc.keep, tc.j)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var found bool
+			for _, r := range res.Removals {
+				if r.Owner != ownerOld {
+					continue
+				}
+				found = true
+				if r.OwnerState != tc.state || (tc.state == "") != (r.Evidence == nil) {
+					t.Fatalf("old's removal: state %q evidence %+v, want %q", r.OwnerState, r.Evidence, tc.state)
+				}
+				if r.Evidence != nil && string(r.Evidence.State) != tc.state {
+					t.Fatalf("evidence state %q, ownerState %q", r.Evidence.State, r.OwnerState)
+				}
+			}
+			if !found {
+				t.Fatalf("no removal of old: %+v", res.Removals)
+			}
+		})
 	}
 }
