@@ -234,12 +234,21 @@ func DeleteChain(f hostport.Family, chain string) Op {
 }
 
 // Commit applies the ops as one nf_tables transaction: all of them or none.
-func (c *Conn) Commit(ops ...Op) error {
+func (c *Conn) Commit(ops ...Op) error { return c.commit(nil, ops) }
+
+// CommitAt is Commit for a batch planned from reads at generation genid (see GenID): the
+// kernel refuses the whole batch with ERESTART when the ruleset changed since.
+func (c *Conn) CommitAt(genid uint32, ops ...Op) error { return c.commit(&genid, ops) }
+
+func (c *Conn) commit(genid *uint32, ops []Op) error {
 	if len(ops) == 0 {
 		return nil
 	}
 	// Batch begin/end carry the subsystem in nfgenmsg.res_id (big endian).
 	begin := &msg{typ: unix.NFNL_MSG_BATCH_BEGIN, flags: unix.NLM_F_REQUEST, data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}}
+	if genid != nil {
+		begin.attr(unix.NFNL_BATCH_GENID, binary.BigEndian.AppendUint32(nil, *genid))
+	}
 	end := &msg{typ: unix.NFNL_MSG_BATCH_END, flags: unix.NLM_F_REQUEST, data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}}
 	ms := []*msg{begin}
 	for _, o := range ops {
