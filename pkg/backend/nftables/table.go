@@ -1,0 +1,265 @@
+package nftables
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+
+	gnft "github.com/google/nftables"
+	"golang.org/x/sys/unix"
+
+	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/nft"
+)
+
+// inet is NFPROTO_INET, the family of every object in portguard's table.
+const inet = unix.NFPROTO_INET
+
+// Table is an open connection to portguard's table in the network namespace it was opened
+// in. Keep it open for the whole call: closing a netlink socket after a commit that
+// deleted something waits for an RCU grace period (~12 ms, NFTABLES.md §3).
+type Table struct {
+	nl *nft.Conn
+	g  *gnft.Conn
+}
+
+// Open opens both sockets in the calling thread's network namespace.
+func Open() (*Table, error) {
+	nl, err := nft.Open()
+	if err != nil {
+		return nil, err
+	}
+	g, err := gnft.New(gnft.AsLasting())
+	if err != nil {
+		nl.Close()
+		return nil, fmt.Errorf("nf_tables netlink socket: %w", err)
+	}
+	return &Table{nl: nl, g: g}, nil
+}
+
+// Close closes the sockets.
+func (t *Table) Close() error {
+	return errors.Join(t.g.CloseLasting(), t.nl.Close())
+}
+
+func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) }
+
+// Errors of Commit, matched with errors.Is; the kernel's errno stays wrapped too.
+var (
+	// ErrClaimed: a created element's key exists (a claim the plan did not remove, or a
+	// wildcard and a hostIP claim on one port). Nothing was changed.
+	ErrClaimed = errors.New("host port already claimed")
+	// ErrChanged: the ruleset changed since Begin; observe again and re-plan.
+	ErrChanged = errors.New("nf_tables ruleset changed since it was read")
+	// ErrGone: something the plan deletes is no longer there (or the table is missing).
+	ErrGone = errors.New("an observed element is gone")
+)
+
+// Tx is one call's transaction: reads made through it are checked at Commit against the
+// generation read by Begin, and every change (both families, all deletions and creations)
+// is one netlink batch: all of it or nothing.
+type Tx struct {
+	t   *Table
+	gen uint32
+
+	delNAT  []Element
+	addNAT  []Element
+	delMasq []MasqElement
+	addMasq []MasqElement
+	delUp   []UpstreamRule
+}
+
+// Begin starts a transaction at the current ruleset generation.
+func (t *Table) Begin() (*Tx, error) {
+	g, err := t.nl.GenID()
+	if err != nil {
+		return nil, err
+	}
+	return &Tx{t: t, gen: g}, nil
+}
+
+func (t *Table) lookup(c hostport.Claim) (Element, bool, error) {
+	set, key := claimKey(c)
+	e, ok, err := t.nl.Elem(inet, TableName, set, key)
+	if err != nil || !ok {
+		return Element{}, ok, err
+	}
+	el, err := decodeElement(c.Family, !c.AnyHostIP(), e)
+	return el, err == nil, err
+}
+
+// guard reads a port's guard value; ok is false when the port has no claim.
+func (t *Table) guard(f hostport.Family, proto string, port int) (v uint32, ok bool, err error) {
+	e, ok, err := t.nl.Elem(inet, TableName, setName(setGuard, f), protoPort(proto, port))
+	if err != nil || !ok {
+		return 0, ok, err
+	}
+	if len(e.Data) != 4 {
+		return 0, false, fmt.Errorf("guard element of %d bytes", len(e.Data))
+	}
+	return binaryNative(e.Data), true, nil
+}
+
+// Claims returns every element that conflicts with one of the claims (hostport's rule:
+// same family, protocol and port, host IPs equal or either one the wildcard), the caller's
+// own included, each once. Point lookups: for a hostIP claim its key and the port's
+// wildcard; for a wildcard claim its key, and only when the port's guard counts hostIP
+// claims, the hostIP map (read whole, filtered by port: the one case a key cannot name).
+func (tx *Tx) Claims(claims ...hostport.Claim) ([]Element, error) {
+	seen := map[string]bool{}
+	var out []Element
+	keep := func(e Element) {
+		set, k := claimKey(e.Claim)
+		id := set + string(k)
+		if !seen[id] {
+			seen[id] = true
+			out = append(out, e)
+		}
+	}
+	var dumped map[hostport.Family][]Element
+	for _, c := range claims {
+		any := c
+		any.HostIP = netip.Addr{}
+		probe := []hostport.Claim{any}
+		if !c.AnyHostIP() {
+			probe = append(probe, c)
+		}
+		for _, p := range probe {
+			e, ok, err := tx.t.lookup(p)
+			if err != nil {
+				return nil, err
+			}
+			if ok {
+				keep(e)
+			}
+		}
+		if !c.AnyHostIP() {
+			continue
+		}
+		v, ok, err := tx.t.guard(c.Family, c.Proto, c.HostPort)
+		if err != nil {
+			return nil, err
+		}
+		if !ok || v == guardWildcard {
+			continue
+		}
+		if dumped == nil {
+			dumped = map[hostport.Family][]Element{}
+		}
+		if _, done := dumped[c.Family]; !done {
+			es, err := tx.t.elements(c.Family, true)
+			if err != nil {
+				return nil, err
+			}
+			dumped[c.Family] = es
+		}
+		for _, e := range dumped[c.Family] {
+			if e.Claim.Conflicts(c) {
+				keep(e)
+			}
+		}
+	}
+	return out, nil
+}
+
+// Masq returns the masquerade entries of the given pod addresses (two point lookups each:
+// the pod's own address and 127.0.0.1 as sources, which every entry portguard writes for a
+// pod contains).
+func (tx *Tx) Masq(pods ...netip.Addr) ([]MasqElement, error) {
+	seen := map[string]bool{}
+	var out []MasqElement
+	for _, p := range pods {
+		p = p.Unmap()
+		f := hostport.Of(p)
+		probes := []netip.Addr{p}
+		if f == hostport.V4 {
+			probes = append(probes, netip.MustParseAddr("127.0.0.1"))
+		}
+		for _, src := range probes {
+			key := append(addrBytes(f, p), addrBytes(f, src)...)
+			e, ok, err := tx.t.nl.Elem(inet, TableName, setName(setMasq, f), key)
+			if err != nil {
+				return nil, err
+			}
+			if !ok {
+				continue
+			}
+			m, err := decodeMasq(f, e)
+			if err != nil {
+				return nil, err
+			}
+			if id := string(e.Key) + string(e.KeyEnd); !seen[id] {
+				seen[id] = true
+				out = append(out, m)
+			}
+		}
+	}
+	return out, nil
+}
+
+func (t *Table) elements(f hostport.Family, hostIP bool) ([]Element, error) {
+	set := setName(setAny, f)
+	if hostIP {
+		set = setName(setHostIP, f)
+	}
+	es, err := t.nl.Elems(inet, TableName, set)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Element, 0, len(es))
+	for _, e := range es {
+		d, err := decodeElement(f, hostIP, e)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// Dump is every claim and masquerade entry of the table, for audit and GC (the verbs use
+// Tx.Claims and Tx.Masq). Claims are sorted by family, protocol, port and host IP.
+type Dump struct {
+	Claims []Element
+	Masq   []MasqElement
+}
+
+// Dump reads the whole table's elements (a missing table reads as empty).
+func (t *Table) Dump() (Dump, error) {
+	var d Dump
+	for _, f := range hostport.Families {
+		for _, hostIP := range []bool{true, false} {
+			es, err := t.elements(f, hostIP)
+			if err != nil {
+				return Dump{}, err
+			}
+			d.Claims = append(d.Claims, es...)
+		}
+		ms, err := t.nl.Elems(inet, TableName, setName(setMasq, f))
+		if err != nil {
+			return Dump{}, err
+		}
+		for _, e := range ms {
+			m, err := decodeMasq(f, e)
+			if err != nil {
+				return Dump{}, err
+			}
+			d.Masq = append(d.Masq, m)
+		}
+	}
+	sort.SliceStable(d.Claims, func(i, j int) bool {
+		a, b := d.Claims[i].Claim, d.Claims[j].Claim
+		if a.Family != b.Family {
+			return a.Family < b.Family
+		}
+		if a.Proto != b.Proto {
+			return a.Proto < b.Proto
+		}
+		if a.HostPort != b.HostPort {
+			return a.HostPort < b.HostPort
+		}
+		return a.HostIP.Less(b.HostIP)
+	})
+	return d, nil
+}
