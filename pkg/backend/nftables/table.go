@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 
 	gnft "github.com/google/nftables"
 	"golang.org/x/sys/unix"
@@ -43,7 +44,11 @@ func (t *Table) Close() error {
 	return errors.Join(t.g.CloseLasting(), t.nl.Close())
 }
 
-func isNotFound(err error) bool { return errors.Is(err, unix.ENOENT) }
+// isNotFound: a missing table, chain or set. google/nftables v0.3.0 formats the kernel's
+// errno into its read errors with %v, so errors.Is cannot see it there; its text can.
+func isNotFound(err error) bool {
+	return err != nil && (errors.Is(err, unix.ENOENT) || strings.HasSuffix(err.Error(), unix.ENOENT.Error()))
+}
 
 // Errors of Commit, matched with errors.Is; the kernel's errno stays wrapped too.
 var (
