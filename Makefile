@@ -6,8 +6,18 @@ GO        ?= go
 GOBIN_DIR := $(shell $(GO) env GOPATH)/bin
 BIN       := $(CURDIR)/bin
 CNI_BIN   ?= /opt/cni/bin
-VERSION   ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
-LDFLAGS   := -X github.com/portguard/portguard/pkg/buildinfo.Version=$(VERSION)
+# VERSION: the semver tag (v0.1.0) on a tagged commit, git describe's v0.1.0-3-gabcdef0 between
+# tags, -dirty for a modified tree. COMMIT: the full hash. Both end up in pkg/buildinfo.
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null)
+# Expanded once, so every binary of one `make release` carries the same pair.
+VERSION   := $(VERSION)
+COMMIT    := $(COMMIT)
+LDFLAGS   := -X github.com/portguard/portguard/pkg/buildinfo.Version=$(VERSION) \
+             -X github.com/portguard/portguard/pkg/buildinfo.Commit=$(COMMIT)
+# make release: the platforms of the static binaries in dist/.
+RELEASE_PLATFORMS ?= linux/amd64 linux/arm64
+DIST      := $(CURDIR)/dist
 
 # Upstream pieces used by the test bed, the demo and the benchmark.
 CNITOOL_VERSION ?= v1.3.0
@@ -16,7 +26,7 @@ PLUGINS_VERSION ?= v1.10.0
 export PORTGUARD_BIN_DIR   := $(BIN)
 export PORTGUARD_UPSTREAM_DIR := $(GOBIN_DIR)
 
-.PHONY: all build deps apt-deps go-tools test unit e2e install demo bench stress clean
+.PHONY: all build deps apt-deps go-tools test unit e2e install uninstall verify-install release ldflags demo bench stress clean
 
 all: build
 
@@ -25,13 +35,14 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard ./plugins/portguard
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguardctl ./cmd/portguardctl
 
-# System packages the kernel tests and the demo use.
+# System packages the kernel tests and the demo use; busybox runs deploy/install.sh as the
+# image does (deploy/install_test.go).
 apt-deps:
-	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip; do \
+	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox; do \
 		command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			iptables iproute2 socat conntrack >/dev/null; \
+			iptables iproute2 socat conntrack busybox >/dev/null; \
 	fi
 
 # cnitool and the upstream plugins: bridge and host-local for the test bed, portmap for
@@ -57,13 +68,46 @@ test: deps build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 20m ./...
 
+# install / uninstall / verify-install: deploy/install.sh does the work (the same script the
+# DaemonSet runs), so what the tests check is what runs on a node. AS_PORTMAP=1 also installs
+# portguard as $(CNI_BIN)/portmap and keeps the upstream binary as portmap.pre-portguard;
+# uninstall puts it back (one rename) and removes every file install wrote.
+PREFIX ?= /usr/local
 install: build
-	install -d $(CNI_BIN)
-	install -m 0755 $(BIN)/portguard $(CNI_BIN)/portguard
-	@if [ -n "$(AS_PORTMAP)" ]; then install -m 0755 $(BIN)/portguard $(CNI_BIN)/portmap; \
-		echo "installed as $(CNI_BIN)/portmap too"; fi
-	install -d /usr/local/bin
-	install -m 0755 $(BIN)/portguardctl /usr/local/bin/portguardctl
+	PORTGUARD_SRC=$(BIN)/portguard PORTGUARD_AS_PORTMAP=$(if $(AS_PORTMAP),true,false) \
+		sh deploy/install.sh install $(CNI_BIN)
+	install -d $(PREFIX)/bin
+	install -m 0755 $(BIN)/portguardctl $(PREFIX)/bin/portguardctl
+
+uninstall:
+	sh deploy/install.sh uninstall $(CNI_BIN)
+	rm -f $(PREFIX)/bin/portguardctl
+
+verify-install:
+	PORTGUARD_SRC=$(BIN)/portguard PORTGUARD_AS_PORTMAP=$(if $(AS_PORTMAP),true,false) \
+		sh deploy/install.sh verify $(CNI_BIN)
+
+# Static binaries for every RELEASE_PLATFORMS entry in dist/, each with its `go version -m`
+# build info (<binary>.buildinfo), and SHA256SUMS over all of them. Refuses a modified tree
+# (the commit in the binaries would not describe them) unless ALLOW_DIRTY=1.
+release:
+	@case "$(VERSION)" in *-dirty) if [ -z "$(ALLOW_DIRTY)" ]; then \
+		echo "make release: the tree has uncommitted changes ($(VERSION)); commit them or set ALLOW_DIRTY=1" >&2; exit 1; fi;; esac
+	rm -rf $(DIST)
+	mkdir -p $(DIST)
+	@set -e; for p in $(RELEASE_PLATFORMS); do os=$${p%/*}; arch=$${p#*/}; \
+		for cmd in plugins/portguard cmd/portguardctl; do \
+			out=$(DIST)/$$(basename $$cmd)-$(VERSION)-$$os-$$arch; \
+			echo "build $$out"; \
+			CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -buildvcs=false -ldflags '$(LDFLAGS)' -o $$out ./$$cmd; \
+			$(GO) version -m $$out > $$out.buildinfo; \
+		done; done
+	cd $(DIST) && sha256sum $$(ls | grep -v '^SHA256SUMS$$') > SHA256SUMS
+	@cat $(DIST)/SHA256SUMS
+
+# The linker flags build and release use (tests build with them too).
+ldflags:
+	@echo '$(LDFLAGS)'
 
 demo: deps build
 	bash test/demo/demo.sh
@@ -75,4 +119,4 @@ stress: deps build
 	PORTGUARD_STRESS_OPS=5000 $(GO) test -count=1 -timeout 60m -run 'TestCrash' -v ./test/stress/
 
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) $(DIST)

@@ -15,7 +15,7 @@ import (
 	"github.com/portguard/portguard/pkg/state"
 )
 
-const auditHelp = `Usage: portguardctl audit [-o table|json|prometheus] [--family 4|6|all]
+const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus] [--family 4|6|all]
 
 Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
 claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain), which one
@@ -31,8 +31,13 @@ lives in it and its interface holds the destination), then every problem with it
   missing-setmark, missing-masq, missing-masq-jump
                       chains mark packets for masquerade but the mark/masquerade is gone
 
-Exit status: 0 healthy, 1 problems found, 2 usage or environment error.
-The JSON shape is documented in docs/audit-json.md.
+Output: -o text (default; "table" is its former name, accepted for one release), -o json
+(shape in docs/audit-json.md), -o prometheus (node-exporter textfile metrics; names in
+docs/cli.md).
+
+Exit status: 0 healthy, 1 problems found, 2 usage or environment error. With -o prometheus:
+0 whenever the nat tables could be read, problems or not (they are in the metrics:
+portguard_problems, portguard_audit_healthy), 2 when collection failed.
 
 Examples:
   portguardctl audit
@@ -78,22 +83,20 @@ func auditStates(states []*state.State, unavailable []plan.FamilyAudit) plan.Aud
 func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("audit", auditHelp, stdout)
 	var ff familyFlag
-	output := fs.String("o", "table", "output format: table, json or prometheus")
+	output := fs.String("o", "text", "output format: "+formatList(textJSONOrPrometheus))
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	var render func(io.Writer, plan.AuditReport) error
-	switch *output {
-	case "table":
-		render = renderTable
-	case "json":
-		render = renderJSON
-	case "prometheus":
-		render = renderPrometheus
-	default:
-		return usageError{fmt.Sprintf("-o %q: must be table, json or prometheus", *output)}
+	if *output == "table" { // deprecated alias of text, for one release
+		*output = "text"
 	}
+	if err := checkFormat(*output, textJSONOrPrometheus); err != nil {
+		return err
+	}
+	render := map[string]func(io.Writer, plan.AuditReport) error{
+		"text": renderTable, "json": renderJSON, "prometheus": renderPrometheus,
+	}[*output]
 	states, unavailable, err := observeAll(newRunner(10*time.Second), &ff)
 	if err != nil {
 		return err
@@ -102,7 +105,9 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	if err := render(stdout, rep); err != nil {
 		return envError{err}
 	}
-	if !rep.Healthy {
+	// An exporter reports what it found and exits 0 once it could collect; the problems are
+	// in the metrics. Collection errors returned above (exit 2).
+	if !rep.Healthy && *output != "prometheus" {
 		return exitError(exitProblems)
 	}
 	return nil
@@ -202,7 +207,8 @@ var metrics = []metric{
 	{"portguard_chains", "CNI-DN chains in the nat table.", func(s plan.AuditSummary) int { return s.Chains }},
 	{"portguard_claims", "Host-port claims (jump port x chain mapping) in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.Claims }},
 	{"portguard_host_ports", "Distinct (protocol, host port) pairs claimed.", func(s plan.AuditSummary) int { return s.HostPorts }},
-	{"portguard_duplicate_claims", "Claims shadowed by an earlier conflicting claim.", func(s plan.AuditSummary) int { return s.DuplicateClaims }},
+	{"portguard_shadowed_claims", "Claims shadowed by an earlier conflicting claim (problem kind shadowed-claim).", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
+	{"portguard_duplicate_claims", "Deprecated alias of portguard_shadowed_claims (same value), removed after one release.", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
 	{"portguard_duplicate_jumps", "Jumps repeated in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.DuplicateJumps }},
 	{"portguard_orphan_chains", "CNI-DN chains that no jump enters.", func(s plan.AuditSummary) int { return s.OrphanChains }},
 	{"portguard_port_mismatches", "Chains whose jump ports and DNAT ports disagree.", func(s plan.AuditSummary) int { return s.PortMismatches }},

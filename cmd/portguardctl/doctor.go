@@ -18,7 +18,10 @@ finding what is wrong, why it breaks host ports, and the exact fix:
   conflist      which file the runtime uses (the lexically first .conf/.conflist/.json, as
                 libcni, containerd and CRI-O pick it) and whether it parses
   port-mapping  whether it chains portmap or portguard with "capabilities": {"portMappings": true}
-  binary        whether every plugin of the chain is an executable file in --bin-dir
+  binary        whether every plugin of the chain is an executable file in --bin-dir, and
+                what it is (run without CNI_COMMAND, a CNI plugin prints its name and
+                version): portguard and its version and commit, upstream portmap, or
+                unknown; a portmap drop-in that another installer overwrote is an error
   iptables      whether iptables / ip6tables can use the nat table
   backend       CNI chains in the other iptables backend (legacy vs nft) that the kernel
                 still runs but "iptables" does not show
@@ -38,12 +41,12 @@ func cmdDoctor(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("doctor", doctorHelp, stdout)
 	confDir := fs.String("conf-dir", "/etc/cni/net.d", "CNI network config directory the runtime uses")
 	binDir := fs.String("bin-dir", "/opt/cni/bin", "CNI plugin directories, colon-separated like CNI_PATH")
-	output := fs.String("o", "text", "output format: text or json")
+	output := fs.String("o", "text", "output format: "+formatList(textOrJSON))
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	if *output != "text" && *output != "json" {
-		return usageError{fmt.Sprintf("-o %q: must be text or json", *output)}
+	if err := checkFormat(*output, textOrJSON); err != nil {
+		return err
 	}
 	dirs := filepath.SplitList(*binDir)
 	env := doctor.DefaultEnv(*confDir, dirs, newRunner(10*time.Second))

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/portguard/portguard/pkg/doctor"
 	"github.com/portguard/portguard/pkg/hostport"
 )
 
@@ -43,7 +44,13 @@ func confAndBins(t *testing.T, name string, conf []byte, missing ...string) (str
 			skip = skip || m == p.Type
 		}
 		if !skip {
-			if err := os.WriteFile(filepath.Join(binDir, p.Type), []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+			// Each fake prints the about line a real plugin prints without CNI_COMMAND, which
+			// doctor reads to identify it.
+			about := "CNI " + p.Type + " plugin v1.10.0"
+			if doctor.PortPlugins[p.Type] {
+				about = "portguard v0.1.0 (commit 0123456789ab, go1.26.8): CNI host ports without stale claims"
+			}
+			if err := os.WriteFile(filepath.Join(binDir, p.Type), []byte("#!/bin/sh\necho '"+about+"' >&2\nexit 1\n"), 0o755); err != nil {
 				t.Fatal(err)
 			}
 		}

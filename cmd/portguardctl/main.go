@@ -13,7 +13,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/portguard/portguard/pkg/buildinfo"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 )
@@ -50,18 +49,21 @@ Commands:
   repair   fix what audit reports, in one iptables-restore per family
   doctor   check the CNI config, plugin binaries, iptables, sysctls, then audit
   gc       remove a network's attachments whose container IDs are not valid
-  version  print the version
+  version  print the version and the commit this binary was built from
 
 Every command works on the current network namespace (run it through
 "ip netns exec NAME" for another one) and needs root, except --help.
 Rules written by upstream portmap are understood exactly like portguard's.
 
-Exit status: 0 healthy / done, 1 problems found, 2 usage or environment error.
+Exit status: 0 healthy / done, 1 problems found, 2 usage or environment error
+(audit -o prometheus: 0 once collected; the problems are in the metrics).
+Output: -o text (default) or -o json for audit, doctor and version; audit also
+-o prometheus. Conventions and names: docs/cli.md.
 
 Examples:
   portguardctl audit
   portguardctl audit -o json | jq '.families[].problems'
-  portguardctl audit -o prometheus > /var/lib/node_exporter/textfile/portguard.prom.$$; \
+  portguardctl audit -o prometheus > /var/lib/node_exporter/textfile/portguard.prom.$$ && \
       mv /var/lib/node_exporter/textfile/portguard.prom.$$ /var/lib/node_exporter/textfile/portguard.prom
   portguardctl repair --dry-run
   portguardctl repair --keep k8s-pod-network/4f1c2a...
@@ -90,9 +92,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "-h", "--help", "-help", "help":
 		fmt.Fprint(stdout, rootHelp)
 		return exitOK
-	case "version", "--version":
-		fmt.Fprintf(stdout, "portguardctl %s\n", buildinfo.Version)
-		return exitOK
+	case "--version":
+		err = cmdVersion(nil, stdout, stderr)
+	case "version":
+		err = cmdVersion(args[1:], stdout, stderr)
 	case "audit":
 		err = cmdAudit(args[1:], stdout, stderr)
 	case "repair":
@@ -147,10 +150,10 @@ func parse(fs *flags, args []string) error {
 			fs.SetOutput(io.Discard)
 			return err
 		}
-		return usageError{err.Error()}
+		return usageError{fmt.Sprintf("%v (run \"portguardctl %s --help\" for the flags)", err, fs.Name())}
 	}
 	if fs.NArg() > 0 {
-		return usageError{fmt.Sprintf("unexpected argument %q", fs.Arg(0))}
+		return usageError{fmt.Sprintf("unexpected argument %q (run \"portguardctl %s --help\" for the usage)", fs.Arg(0), fs.Name())}
 	}
 	return nil
 }
@@ -196,4 +199,30 @@ func (l *listFlag) Set(v string) error {
 		}
 	}
 	return nil
+}
+
+// Output formats: every subcommand with -o takes "text" for the human output (the default)
+// and "json" for the machine one; audit adds "prometheus". audit's former name for its text
+// output, "table", is kept as an alias for one release (docs/cli.md).
+var (
+	textOrJSON           = []string{"text", "json"}
+	textJSONOrPrometheus = []string{"text", "json", "prometheus"}
+)
+
+// formatList is "text or json", "text, json or prometheus".
+func formatList(formats []string) string {
+	if len(formats) == 1 {
+		return formats[0]
+	}
+	return strings.Join(formats[:len(formats)-1], ", ") + " or " + formats[len(formats)-1]
+}
+
+// checkFormat refuses an -o value outside formats with a usage error.
+func checkFormat(v string, formats []string) error {
+	for _, f := range formats {
+		if v == f {
+			return nil
+		}
+	}
+	return usageError{fmt.Sprintf("-o %q: must be %s", v, formatList(formats))}
 }

@@ -7,6 +7,7 @@
 package doctor
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,9 +18,11 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/portguard/portguard/pkg/buildinfo"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/liveness"
@@ -43,7 +46,37 @@ type Finding struct {
 	What     string   `json:"what"`
 	Why      string   `json:"why,omitempty"`
 	Fix      string   `json:"fix,omitempty"`
+	// Binary: what a plugin binary of the chain says it is (check "binary" only).
+	Binary *Binary `json:"binary,omitempty"`
 }
+
+// Binary kinds.
+const (
+	KindPortguard       = "portguard"        // a portguard build, under any name
+	KindUpstreamPortmap = "upstream-portmap" // containernetworking's portmap
+	KindOther           = "other"            // another plugin that printed a CNI about line
+	KindUnknown         = "unknown"          // said nothing recognisable
+)
+
+// Binary identifies one plugin binary from the line it prints when run without CNI_COMMAND
+// (skel's "about" string: "portguard v0.1.0 (commit 0123456789ab, go1.26.8): ...",
+// "CNI portmap plugin v1.10.0").
+type Binary struct {
+	Type    string `json:"type"` // the conflist's "type"
+	Path    string `json:"path"`
+	Kind    string `json:"kind"`              // KindPortguard, KindUpstreamPortmap, KindOther, KindUnknown
+	About   string `json:"about,omitempty"`   // the line it printed
+	Version string `json:"version,omitempty"` // portguard only
+	Commit  string `json:"commit,omitempty"`  // portguard only, 12 hex digits
+}
+
+// Files deploy/install.sh leaves next to a drop-in (portguard installed as "portmap"); their
+// presence says portmap is meant to be portguard. deploy/install_test.go checks the script
+// writes exactly these names.
+const (
+	DropInBackup = "portmap.pre-portguard"
+	DropInMarker = ".portguard-as-portmap.sha256"
+)
 
 // Env is everything doctor reads. DefaultEnv reads the real system.
 type Env struct {
@@ -58,7 +91,77 @@ type Env struct {
 	Command func(name string, args ...string) (string, error)
 	// RouteIface names the interface the node routes an address through.
 	RouteIface func(a netip.Addr) (string, error)
-	Runner     iptables.Runner
+	// About runs a plugin binary without CNI_COMMAND and returns the first line it prints
+	// (CNI plugins print their about string and exit); see RunAbout.
+	About  func(path string) (string, error)
+	Runner iptables.Runner
+}
+
+// aboutTimeout bounds one plugin binary's answer; a plugin that waits for input is killed
+// (a variable for tests).
+var aboutTimeout = 5 * time.Second
+
+// RunAbout runs the binary at path with an empty environment (so no CNI_COMMAND), stdin from
+// /dev/null and a 5 s limit, and returns the first non-empty line of its output; every CNI
+// plugin built on skel prints its about string there ("CNI portmap plugin v1.10.0") and exits
+// non-zero, which is not an error here. The error is for a binary that cannot run or
+// prints nothing.
+func RunAbout(path string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), aboutTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path)
+	cmd.Env = []string{}
+	cmd.WaitDelay = time.Second
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		return "", fmt.Errorf("%s did not exit within %s when run without CNI_COMMAND", path, aboutTimeout)
+	}
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		return "", err
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			return l, nil
+		}
+	}
+	return "", fmt.Errorf("%s printed nothing when run without CNI_COMMAND", path)
+}
+
+// Identify reads what a plugin binary's about line says it is.
+func Identify(typ, path, about string) *Binary {
+	b := &Binary{Type: typ, Path: path, About: about, Kind: KindUnknown}
+	switch {
+	case about == "":
+	case strings.HasPrefix(about, "portguard "):
+		if v, c, ok := buildinfo.ParseAbout(about); ok {
+			b.Kind, b.Version, b.Commit = KindPortguard, v, c
+		} else if f := strings.Fields(about); len(f) >= 3 && strings.HasPrefix(f[2], "(CNI") {
+			// builds before the commit was stamped: "portguard VERSION (CNI host ports ...)"
+			b.Kind, b.Version, b.Commit = KindPortguard, f[1], "unknown"
+		}
+	case strings.HasPrefix(about, "CNI portmap plugin"):
+		b.Kind = KindUpstreamPortmap
+	case strings.HasPrefix(about, "CNI "):
+		b.Kind = KindOther
+	}
+	return b
+}
+
+// describe is how findings name a binary: "portguard v0.1.0 (commit 0123456789ab)".
+func (b *Binary) describe() string {
+	switch b.Kind {
+	case KindPortguard:
+		return fmt.Sprintf("portguard %s (commit %s)", b.Version, b.Commit)
+	case KindUpstreamPortmap:
+		return fmt.Sprintf("upstream portmap (%q)", b.About)
+	case KindOther:
+		return fmt.Sprintf("%q", b.About)
+	}
+	if b.About == "" {
+		return "unidentified"
+	}
+	return fmt.Sprintf("unidentified (it printed %q)", b.About)
 }
 
 // DefaultEnv reads the running system (in the current network namespace).
@@ -93,6 +196,7 @@ func DefaultEnv(confDir string, binDirs []string, r iptables.Runner) Env {
 			}
 			return link.Attrs().Name, nil
 		},
+		About: RunAbout,
 	}
 }
 
@@ -337,6 +441,11 @@ func (d *doc) chain(list *confList, file string) string {
 	return mainType
 }
 
+// binary finds the plugin's executable in the bin dirs (the first one wins, as CNI_PATH is
+// searched), asks it what it is, and checks that a port-mapping plugin is what its name
+// promises: "portguard" must be portguard; "portmap" may be upstream's (a warning: no stale
+// claims are taken over) unless portguard had been installed in its place (drop-in) and
+// something put upstream back, which is an error with the fix.
 func (d *doc) binary(typ string, portPlugin bool) {
 	why := "every ADD of the network fails, so no pod on it starts"
 	if portPlugin {
@@ -354,7 +463,7 @@ func (d *doc) binary(typ string, portPlugin bool) {
 			d.add("binary", Error, fmt.Sprintf("%s exists but is not an executable file (mode %s)", path, fi.Mode()), why, "chmod 0755 "+path)
 			return
 		}
-		d.add("binary", OK, fmt.Sprintf("plugin %s: %s is executable", typ, path), "", "")
+		d.identify(typ, dir, path, portPlugin)
 		return
 	}
 	fix := fmt.Sprintf("install the %s binary into %s", typ, strings.Join(d.env.BinDirs, " or "))
@@ -362,6 +471,49 @@ func (d *doc) binary(typ string, portPlugin bool) {
 		fix = "make install (or copy bin/portguard) into " + strings.Join(d.env.BinDirs, " or ")
 	}
 	d.add("binary", Error, fmt.Sprintf("plugin %s not found (looked for %s)", typ, strings.Join(tried, ", ")), why, fix)
+}
+
+func (d *doc) identify(typ, dir, path string, portPlugin bool) {
+	about := ""
+	var aboutErr error
+	if d.env.About != nil {
+		about, aboutErr = d.env.About(path)
+	}
+	b := Identify(typ, path, about)
+	f := Finding{Check: "binary", Severity: OK, Binary: b,
+		What: fmt.Sprintf("plugin %s: %s is %s", typ, path, b.describe())}
+	if aboutErr != nil {
+		f.What = fmt.Sprintf("plugin %s: %s is executable; cannot tell what it is: %v", typ, path, aboutErr)
+	}
+	dropIn := d.exists(filepath.Join(dir, DropInMarker)) || d.exists(filepath.Join(dir, DropInBackup))
+	reinstall := fmt.Sprintf("put portguard back: restart the portguard DaemonSet pod on this node, or `make install AS_PORTMAP=1 CNI_BIN=%s`; then stop the installer that overwrote it (Calico install-cni: SKIP_CNI_BINARIES=portmap; a containernetworking-plugins package upgrade; see docs/install.md)", dir)
+	switch {
+	case typ == "portguard" && b.Kind != KindPortguard:
+		f.Severity = Error
+		f.Why = "the conflist asks for portguard, but this binary is something else, so ADD/DEL do not behave as portguard's configuration expects"
+		f.Fix = fmt.Sprintf("reinstall portguard: `make install CNI_BIN=%s`, or restart the portguard DaemonSet pod on this node", dir)
+	case typ == "portmap" && b.Kind == KindUpstreamPortmap && dropIn:
+		f.Severity = Error
+		f.What += fmt.Sprintf(", but %s shows portguard was installed as portmap here (drop-in): something overwrote it", filepath.Join(dir, DropInBackup))
+		f.Why = "pods now get upstream portmap's behaviour: a stale claim on a host port shadows every new pod asking for it"
+		f.Fix = reinstall
+	case typ == "portmap" && b.Kind == KindUpstreamPortmap:
+		f.Severity = Warning
+		f.Why = "upstream portmap works, but never removes a stale claim that shadows a new pod's host port"
+		f.Fix = fmt.Sprintf("to use portguard: `make install AS_PORTMAP=1 CNI_BIN=%s` (drop-in), or install portguard and chain \"type\": \"portguard\"", dir)
+	case typ == "portmap" && b.Kind == KindPortguard:
+		f.What += " (installed as portmap: drop-in)"
+	case portPlugin && b.Kind != KindPortguard:
+		f.Severity = Warning
+		f.Why = "doctor cannot tell whether this port-mapping plugin is portguard or upstream portmap, so what it does with stale claims is unknown"
+		f.Fix = fmt.Sprintf("check what %s is (run it without arguments: CNI plugins print their name and version), or reinstall with `make install AS_PORTMAP=1 CNI_BIN=%s`", path, dir)
+	}
+	d.findings = append(d.findings, f)
+}
+
+func (d *doc) exists(path string) bool {
+	_, err := d.env.Stat(path)
+	return err == nil
 }
 
 // iptables probes each family.

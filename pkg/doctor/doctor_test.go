@@ -39,11 +39,25 @@ func newFake() *fakeEnv {
 func (f *fakeEnv) conf(name, text string) {
 	f.files["etc/cni/net.d/"+name] = &fstest.MapFile{Data: []byte(text)}
 }
+
+// bin installs plugins that print their about line: portguard under the names portguard
+// and portmap (a drop-in), a generic CNI plugin line for the others. fakeEnv.About returns
+// a file's content, so aboutBin can install anything else.
 func (f *fakeEnv) bin(names ...string) {
 	for _, n := range names {
-		f.files["opt/cni/bin/"+n] = &fstest.MapFile{Data: []byte("#!/bin/true"), Mode: 0o755}
+		about := "CNI " + n + " plugin v1.10.0"
+		if PortPlugins[n] {
+			about = guardAbout
+		}
+		f.aboutBin(n, about)
 	}
 }
+
+func (f *fakeEnv) aboutBin(name, about string) {
+	f.files["opt/cni/bin/"+name] = &fstest.MapFile{Data: []byte(about), Mode: 0o755}
+}
+
+const guardAbout = "portguard v0.1.0 (commit 0123456789ab, go1.26.8): CNI host ports without stale claims"
 
 func (f *fakeEnv) env() Env {
 	strip := func(p string) string { return strings.TrimPrefix(p, "/") }
@@ -70,6 +84,10 @@ func (f *fakeEnv) env() Env {
 				return n, nil
 			}
 			return "", errors.New("no route")
+		},
+		About: func(p string) (string, error) {
+			b, err := fs.ReadFile(f.files, strip(p))
+			return string(b), err
 		},
 		Runner: iptablestest.MustNew(f.tables),
 	}
@@ -100,7 +118,7 @@ func pluginTypes(t *testing.T, data []byte) []string {
 
 // Every shipped example is healthy when its plugins are installed.
 func TestConflistExamplesHealthy(t *testing.T) {
-	paths, _ := filepath.Glob("../../conflist-examples/*")
+	paths, _ := filepath.Glob("../../conflist-examples/*.conflist")
 	if len(paths) == 0 {
 		t.Fatal("no conflist examples")
 	}

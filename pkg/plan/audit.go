@@ -84,9 +84,12 @@ type Problem struct {
 
 // AuditSummary counts what the audit saw; the prometheus output is built from it.
 type AuditSummary struct {
-	Chains            int `json:"chains"`
-	Claims            int `json:"claims"`
-	HostPorts         int `json:"hostPorts"`
+	Chains         int `json:"chains"`
+	Claims         int `json:"claims"`
+	HostPorts      int `json:"hostPorts"`
+	ShadowedClaims int `json:"shadowedClaims"` // claims with status shadowed (problem kind shadowed-claim)
+	// Deprecated: DuplicateClaims is ShadowedClaims under its former name, still emitted for
+	// one release (docs/audit-json.md).
 	DuplicateClaims   int `json:"duplicateClaims"`
 	DuplicateJumps    int `json:"duplicateJumps"`
 	OrphanChains      int `json:"orphanChains"`
@@ -423,7 +426,8 @@ func Audit(s *state.State) FamilyAudit {
 		if w != nil {
 			wtext, wdest = ownerText(w.owner, w.Chain)+fmt.Sprintf(" at rule %d", w.Position), w.Destination
 		}
-		fa.Summary.DuplicateClaims++
+		fa.Summary.ShadowedClaims++
+		fa.Summary.DuplicateClaims = fa.Summary.ShadowedClaims
 		add(Problem{Kind: KindShadowedClaim, Chain: c.Chain, Network: c.Network, ContainerID: c.ContainerID,
 			Protocol: c.m.Claim.Proto, HostPort: c.m.Claim.HostPort,
 			Message: fmt.Sprintf("%s: the claim of %s at rule %d (-> %s) is shadowed by %s (-> %s): packets to the port go to %s, never to this pod",

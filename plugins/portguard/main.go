@@ -36,7 +36,7 @@ func main() {
 		GC:     cmdGC,
 		Status: cmdStatus,
 	}, version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"),
-		"portguard "+buildinfo.Version+" (CNI host ports without stale claims)")
+		buildinfo.About())
 }
 
 // newEngine makes the engine of a call; tests replace it to run the verbs against a fake
