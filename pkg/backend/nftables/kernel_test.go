@@ -393,7 +393,7 @@ func TestKernelUpstreamRulesObservedAndTakenOver(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := map[string]bool{
-		"ipv4/tcp *:8080 -> " + a.IP(testbed.V4).String() + ":80":                          true,
+		"ipv4/tcp *:8080 -> " + a.IP(testbed.V4).String() + ":80":                            true,
 		"ipv6/tcp " + k.NodeIP6.String() + ":8080 -> [" + a.IP(testbed.V6).String() + "]:80": true,
 	}
 	var masq int
