@@ -82,14 +82,13 @@ func (k *kbed) attachment(p *testbed.Pod, claims ...hostport.Claim) Attachment {
 	}
 	ones4, _ := k.n.Subnet4.Mask.Size()
 	ones6, _ := k.n.Subnet6.Mask.Size()
-	a.Masq = append(MasqFor(netip.PrefixFrom(addr(p.IP(testbed.V4)), ones4), false, a.Owner),
-		MasqFor(netip.PrefixFrom(addr(p.IP(testbed.V6)), ones6), false, a.Owner)...)
+	a.SNAT = []SNAT{{Pod: netip.PrefixFrom(addr(p.IP(testbed.V4)), ones4)}, {Pod: netip.PrefixFrom(addr(p.IP(testbed.V6)), ones6)}}
 	return a
 }
 
 // noMasq drops the masquerade entries, for a second attachment of the same pod (its
 // entries exist already: created with EXCL, they would be refused).
-func noMasq(a Attachment) Attachment { a.Masq = nil; return a }
+func noMasq(a Attachment) Attachment { a.SNAT = nil; return a }
 
 func claim(f hostport.Family, proto string, port int, hostIP ...net.IP) hostport.Claim {
 	c := hostport.Claim{Family: f, Proto: proto, HostPort: port}
@@ -182,7 +181,7 @@ func TestKernelSecondClaimRefusedUnlessTakenOver(t *testing.T) {
 	// Another owner, the same destination (a reused pod IP): only EXCL refuses it.
 	same := k.attachment(a, both("tcp", 8080)...)
 	same.Owner = hostport.Owner{Network: "net1", ContainerID: "other"}
-	same.Masq = nil
+	same.SNAT = nil
 	if err := k.add(same); !errors.Is(err, ErrClaimed) {
 		t.Fatalf("same key and value, other owner: %v, want ErrClaimed", err)
 	}
@@ -199,8 +198,8 @@ func TestKernelSecondClaimRefusedUnlessTakenOver(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		if len(es) != 2 || len(ms) != 3 {
-			t.Errorf("observed %v and %v, want 2 claims and 3 masquerade entries", es, ms)
+		if len(es) != 2 || len(ms) != 2 {
+			t.Errorf("observed %v and %v, want 2 claims and 2 masquerade entries", es, ms)
 		}
 		tx.RemoveClaims(es...)
 		tx.RemoveMasq(ms...)
@@ -217,7 +216,7 @@ func TestKernelSecondClaimRefusedUnlessTakenOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(d.Claims) != 2 || len(d.Masq) != 3 {
+	if len(d.Claims) != 2 || len(d.Masq) != 2 || len(d.Subnets) != 2 {
 		t.Fatalf("after takeover: %v", d)
 	}
 	for _, e := range d.Claims {
@@ -323,6 +322,26 @@ func TestKernelHairpinAndLocalhostMasquerade(t *testing.T) {
 	got, err := testbed.ConnectTCP(k.Node, "127.0.0.1", 8080)
 	if name, _ := testbed.PeerOf(got); err != nil || name != "A" {
 		t.Errorf("localhost: %q (%v)", got, err)
+	}
+	// From the client no masquerade: A sees the client's address.
+	got, err = testbed.ConnectTCP(k.Client, k.NodeIP4.String(), 8080)
+	if name, peer := testbed.PeerOf(got); err != nil || name != "A" || !peer.Equal(k.ClientIP4) {
+		t.Errorf("client: %q (%v), want A and the client's address", got, err)
+	}
+	// masqAll: every source masqueraded.
+	c := k.NewPod("C")
+	k.n.MustAdd(c)
+	c.ServePeer(80)
+	all := k.attachment(c, both("tcp", 8181)...)
+	for i := range all.SNAT {
+		all.SNAT[i].All = true
+	}
+	k.mustAdd(all)
+	for _, f := range []testbed.Family{testbed.V4, testbed.V6} {
+		got, err = testbed.ConnectTCP(k.Client, k.NodeIP(f).String(), 8181)
+		if name, peer := testbed.PeerOf(got); err != nil || name != "C" || peer == nil || peer.Equal(k.ClientIP4) || peer.Equal(k.ClientIP6) {
+			t.Errorf("masqAll via %s: %q (%v), want C and a masqueraded source", f, got, err)
+		}
 	}
 }
 

@@ -34,17 +34,36 @@ func (e Element) String() string {
 	return fmt.Sprintf("%s -> %s (%s)", e.Claim, e.Dest, who)
 }
 
-// MasqElement is one masquerade entry: DNATed flows from Source to PodIP are masqueraded.
+// MasqElement is one pod address with snat: DNATed flows to it are masqueraded when they
+// come from its subnet (hairpin) or, for IPv4, from 127.0.0.1; with All, from every source.
 type MasqElement struct {
 	Family  hostport.Family
 	PodIP   netip.Addr
-	Source  netip.Prefix
+	All     bool // masqAll
 	Owner   hostport.Owner
 	Comment string
 }
 
 // OwnedBy reports whether o owns the entry.
 func (m MasqElement) OwnedBy(o hostport.Owner) bool { return m.Comment == OwnerComment(o) }
+
+func (m MasqElement) set() string {
+	if m.All {
+		return setName(setMasqAll, m.Family)
+	}
+	return setName(setSNAT, m.Family)
+}
+
+func (m MasqElement) elem() nft.Elem {
+	return nft.Elem{Key: addrBytes(m.Family, m.PodIP), Comment: m.Comment}
+}
+
+// SNAT asks for masquerade of DNATed flows to one pod address, as the iptables backend
+// does with snat: Pod is the address with its subnet's prefix length; All is masqAll.
+type SNAT struct {
+	Pod netip.Prefix
+	All bool
+}
 
 // hashPrefix starts the comment of an owner too long for an element comment.
 const hashPrefix = "sha256:"
@@ -164,48 +183,39 @@ func (e Element) elem() nft.Elem {
 // lastAddr is the last address of a prefix.
 func lastAddr(p netip.Prefix) netip.Addr {
 	b := p.Masked().Addr().AsSlice()
-	bits := p.Bits()
-	for i := range b {
-		for j := 7; j >= 0; j-- {
-			if i*8+(7-j) >= bits {
-				b[i] |= 1 << j
-			}
-		}
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 1 << (7 - i%8)
 	}
 	a, _ := netip.AddrFromSlice(b)
 	return a
 }
 
-func (m MasqElement) elem() nft.Elem {
-	pod := addrBytes(m.Family, m.PodIP)
-	start := append(append([]byte(nil), pod...), addrBytes(m.Family, m.Source.Masked().Addr())...)
-	end := append(append([]byte(nil), pod...), addrBytes(m.Family, lastAddr(m.Source))...)
-	return nft.Elem{Key: start, KeyEnd: end, Comment: m.Comment}
+// subnetElem is the hairpin entry of a pod subnet: source and destination both in it.
+func subnetElem(p netip.Prefix, comment string) nft.Elem {
+	f := hostport.Of(p.Addr())
+	lo, hi := addrBytes(f, p.Masked().Addr()), addrBytes(f, lastAddr(p))
+	return nft.Elem{Key: append(append([]byte(nil), lo...), lo...), KeyEnd: append(append([]byte(nil), hi...), hi...), Comment: comment}
 }
 
-func decodeMasq(f hostport.Family, e nft.Elem) (MasqElement, error) {
+// decodeSubnet reads a hairpin entry back; ok is false for entries portguard does not write
+// (source and destination ranges that differ, or ranges that are not prefixes).
+func decodeSubnet(f hostport.Family, e nft.Elem) (netip.Prefix, bool) {
 	w := 4
 	if f == hostport.V6 {
 		w = 16
 	}
-	if len(e.Key) != 2*w || len(e.KeyEnd) != 2*w {
-		return MasqElement{}, fmt.Errorf("masquerade element of %d bytes in a %s set", len(e.Key), f)
+	if len(e.Key) != 2*w || len(e.KeyEnd) != 2*w || string(e.Key[:w]) != string(e.Key[w:]) || string(e.KeyEnd[:w]) != string(e.KeyEnd[w:]) {
+		return netip.Prefix{}, false
 	}
-	pod, _ := addrFrom(e.Key[:w])
-	lo, _ := addrFrom(e.Key[w:])
-	hi, _ := addrFrom(e.KeyEnd[w:])
-	// The range is a prefix (portguard writes only prefixes): the bits where lo and hi agree.
-	bits := 0
-	lb, hb := lo.AsSlice(), hi.AsSlice()
-	for i := 0; i < len(lb)*8; i++ {
-		if (lb[i/8]>>(7-i%8))&1 != (hb[i/8]>>(7-i%8))&1 {
-			break
+	lo, _ := addrFrom(e.Key[:w])
+	hi, _ := addrFrom(e.KeyEnd[:w])
+	for bits := 0; bits <= w*8; bits++ {
+		p := netip.PrefixFrom(lo, bits)
+		if p.Masked().Addr() == lo && lastAddr(p) == hi {
+			return p, true
 		}
-		bits++
 	}
-	m := MasqElement{Family: f, PodIP: pod, Source: netip.PrefixFrom(lo, bits), Comment: e.Comment}
-	m.Owner, _ = ParseOwner(e.Comment)
-	return m, nil
+	return netip.Prefix{}, false
 }
 
 // guard values: the wildcard claim of a port, or the number of hostIP claims on it. The
@@ -217,24 +227,3 @@ const guardWildcard = 0
 func guardData(v uint32) []byte { return binary.NativeEndian.AppendUint32(nil, v) }
 
 func binaryNative(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }
-
-// MasqFor is the masquerade the iptables backend applies with snat, per pod address (pod
-// with its subnet's prefix length): flows from the pod's own subnet (hairpin) and, for IPv4,
-// from 127.0.0.1 (localhost, needs route_localnet); with masqAll, from every source.
-func MasqFor(pod netip.Prefix, masqAll bool, o hostport.Owner) []MasqElement {
-	f := hostport.Of(pod.Addr())
-	a := pod.Addr().Unmap()
-	c := OwnerComment(o)
-	if masqAll {
-		all := netip.PrefixFrom(netip.IPv4Unspecified(), 0)
-		if f == hostport.V6 {
-			all = netip.PrefixFrom(netip.IPv6Unspecified(), 0)
-		}
-		return []MasqElement{{Family: f, PodIP: a, Source: all, Owner: o, Comment: c}}
-	}
-	out := []MasqElement{{Family: f, PodIP: a, Source: netip.PrefixFrom(a, pod.Bits()).Masked(), Owner: o, Comment: c}}
-	if f == hostport.V4 {
-		out = append(out, MasqElement{Family: f, PodIP: a, Source: netip.MustParsePrefix("127.0.0.1/32"), Owner: o, Comment: c})
-	}
-	return out
-}

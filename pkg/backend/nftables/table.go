@@ -73,6 +73,8 @@ type Tx struct {
 	delMasq []MasqElement
 	addMasq []MasqElement
 	delUp   []UpstreamRule
+
+	addSubnets []netip.Prefix
 }
 
 // Begin starts a transaction at the current ruleset generation.
@@ -168,34 +170,21 @@ func (tx *Tx) Claims(claims ...hostport.Claim) ([]Element, error) {
 	return out, nil
 }
 
-// Masq returns the masquerade entries of the given pod addresses (two point lookups each:
-// the pod's own address and 127.0.0.1 as sources, which every entry portguard writes for a
-// pod contains).
+// Masq returns the masquerade entries of the given pod addresses (a point lookup in each
+// of the family's two sets per address).
 func (tx *Tx) Masq(pods ...netip.Addr) ([]MasqElement, error) {
-	seen := map[string]bool{}
 	var out []MasqElement
 	for _, p := range pods {
 		p = p.Unmap()
-		f := hostport.Of(p)
-		probes := []netip.Addr{p}
-		if f == hostport.V4 {
-			probes = append(probes, netip.MustParseAddr("127.0.0.1"))
-		}
-		for _, src := range probes {
-			key := append(addrBytes(f, p), addrBytes(f, src)...)
-			e, ok, err := tx.t.nl.Elem(inet, TableName, setName(setMasq, f), key)
+		for _, all := range []bool{false, true} {
+			m := MasqElement{Family: hostport.Of(p), PodIP: p, All: all}
+			e, ok, err := tx.t.nl.Elem(inet, TableName, m.set(), m.elem().Key)
 			if err != nil {
 				return nil, err
 			}
-			if !ok {
-				continue
-			}
-			m, err := decodeMasq(f, e)
-			if err != nil {
-				return nil, err
-			}
-			if id := string(e.Key) + string(e.KeyEnd); !seen[id] {
-				seen[id] = true
+			if ok {
+				m.Comment = e.Comment
+				m.Owner, _ = ParseOwner(e.Comment)
 				out = append(out, m)
 			}
 		}
@@ -228,6 +217,8 @@ func (t *Table) elements(f hostport.Family, hostIP bool) ([]Element, error) {
 type Dump struct {
 	Claims []Element
 	Masq   []MasqElement
+	// Subnets are the hairpin entries (pod subnets with snat); verbs only add them.
+	Subnets []netip.Prefix
 }
 
 // Dump reads the whole table's elements (a missing table reads as empty).
@@ -241,16 +232,30 @@ func (t *Table) Dump() (Dump, error) {
 			}
 			d.Claims = append(d.Claims, es...)
 		}
-		ms, err := t.nl.Elems(inet, TableName, setName(setMasq, f))
-		if err != nil {
-			return Dump{}, err
-		}
-		for _, e := range ms {
-			m, err := decodeMasq(f, e)
+		for _, all := range []bool{false, true} {
+			m := MasqElement{Family: f, All: all}
+			es, err := t.nl.Elems(inet, TableName, m.set())
 			if err != nil {
 				return Dump{}, err
 			}
-			d.Masq = append(d.Masq, m)
+			for _, e := range es {
+				a, ok := addrFrom(e.Key)
+				if !ok {
+					return Dump{}, fmt.Errorf("element of %d bytes in %s", len(e.Key), m.set())
+				}
+				m.PodIP, m.Comment = a, e.Comment
+				m.Owner, _ = ParseOwner(e.Comment)
+				d.Masq = append(d.Masq, m)
+			}
+		}
+		ss, err := t.nl.Elems(inet, TableName, setName(setSubnets, f))
+		if err != nil {
+			return Dump{}, err
+		}
+		for _, e := range ss {
+			if p, ok := decodeSubnet(f, e); ok {
+				d.Subnets = append(d.Subnets, p)
+			}
 		}
 	}
 	sort.SliceStable(d.Claims, func(i, j int) bool {

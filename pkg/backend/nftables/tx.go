@@ -17,12 +17,12 @@ type Mapping struct {
 	Dest  netip.AddrPort
 }
 
-// Attachment is what AddAttachment creates for one owner: its mappings (both families) and
-// its masquerade entries (MasqFor per pod address with snat; none without).
+// Attachment is what AddAttachment creates for one owner: its mappings (both families) and,
+// with snat, the masquerade of its pod addresses.
 type Attachment struct {
 	Owner    hostport.Owner
 	Mappings []Mapping
-	Masq     []MasqElement
+	SNAT     []SNAT
 }
 
 // RemoveClaims deletes observed elements (from Claims or Dump) in this transaction. The
@@ -53,9 +53,9 @@ func (tx *Tx) AddAttachment(a Attachment) error {
 			return fmt.Errorf("mapping %s -> %s: addresses of another family", m.Claim, m.Dest)
 		}
 	}
-	for _, m := range a.Masq {
-		if !m.PodIP.IsValid() || !m.Source.IsValid() || hostport.Of(m.PodIP) != m.Family || hostport.Of(m.Source.Addr()) != m.Family {
-			return fmt.Errorf("masquerade %s from %s: addresses of another family", m.PodIP, m.Source)
+	for _, s := range a.SNAT {
+		if !s.Pod.IsValid() {
+			return fmt.Errorf("snat: pod address %v invalid", s.Pod)
 		}
 	}
 	for _, m := range a.Mappings {
@@ -68,9 +68,15 @@ func (tx *Tx) AddAttachment(a Attachment) error {
 		d := netip.AddrPortFrom(m.Dest.Addr().Unmap(), m.Dest.Port())
 		tx.addNAT = append(tx.addNAT, Element{Claim: cl, Dest: d, Owner: a.Owner, Comment: c})
 	}
-	for _, m := range a.Masq {
-		m.Owner, m.Comment = a.Owner, c
-		tx.addMasq = append(tx.addMasq, m)
+	for _, s := range a.SNAT {
+		p := netip.PrefixFrom(s.Pod.Addr().Unmap(), s.Pod.Bits())
+		if s.Pod.Addr().Is4In6() {
+			p = netip.PrefixFrom(p.Addr(), max(s.Pod.Bits()-96, 0))
+		}
+		tx.addMasq = append(tx.addMasq, MasqElement{Family: hostport.Of(p.Addr()), PodIP: p.Addr(), All: s.All, Owner: a.Owner, Comment: c})
+		if !s.All {
+			tx.addSubnets = append(tx.addSubnets, p.Masked())
+		}
 	}
 	return nil
 }
@@ -187,7 +193,7 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 
 // Empty reports whether the transaction changes nothing.
 func (tx *Tx) Empty() bool {
-	return len(tx.delNAT)+len(tx.addNAT)+len(tx.delMasq)+len(tx.addMasq)+len(tx.delUp) == 0
+	return len(tx.delNAT)+len(tx.addNAT)+len(tx.delMasq)+len(tx.addMasq)+len(tx.delUp)+len(tx.addSubnets) == 0
 }
 
 // Commit applies the transaction as one netlink batch, checked against Begin's generation:
@@ -217,7 +223,7 @@ func (tx *Tx) Commit() error {
 		m := map[string][]nft.Elem{}
 		var order []string
 		for _, e := range ms {
-			set := setName(setMasq, e.Family)
+			set := e.set()
 			if m[set] == nil {
 				order = append(order, set)
 			}
@@ -249,6 +255,20 @@ func (tx *Tx) Commit() error {
 	madd, morder := masqBySet(tx.addMasq)
 	for _, s := range morder {
 		op, err := nft.AddElems(inet, TableName, s, true, madd[s]...)
+		if err != nil {
+			return err
+		}
+		ops = append(ops, op)
+	}
+	// Subnets: a plain add, which the kernel takes as a no-op for an entry that exists (it
+	// is shared by every pod of the subnet and no verb deletes it).
+	seen := map[netip.Prefix]bool{}
+	for _, p := range tx.addSubnets {
+		if seen[p] {
+			continue
+		}
+		seen[p] = true
+		op, err := nft.AddElems(inet, TableName, setName(setSubnets, hostport.Of(p.Addr())), false, subnetElem(p, "hairpin"))
 		if err != nil {
 			return err
 		}
