@@ -178,8 +178,10 @@ func TestKernelSecondClaimRefusedUnlessTakenOver(t *testing.T) {
 	if err := k.add(k.attachment(b, both("tcp", 8080)...)); !errors.Is(err, ErrClaimed) {
 		t.Fatalf("second claim: %v, want ErrClaimed", err)
 	}
-	// Another owner, the same destination (a reused pod IP): only EXCL refuses it.
-	same := k.attachment(a, both("tcp", 8080)...)
+	// Another owner, the same destination (a reused pod IP), on a hostIP claim (whose guard
+	// only counts): only EXCL refuses it.
+	k.mustAdd(noMasq(k.attachment(a, claim(hostport.V4, "tcp", 9090, k.NodeIP4))))
+	same := k.attachment(a, claim(hostport.V4, "tcp", 9090, k.NodeIP4))
 	same.Owner = hostport.Owner{Network: "net1", ContainerID: "other"}
 	same.SNAT = nil
 	if err := k.add(same); !errors.Is(err, ErrClaimed) {
@@ -216,11 +218,11 @@ func TestKernelSecondClaimRefusedUnlessTakenOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(d.Claims) != 2 || len(d.Masq) != 2 || len(d.Subnets) != 2 {
+	if len(d.Claims) != 3 || len(d.Masq) != 2 || len(d.Subnets) != 2 {
 		t.Fatalf("after takeover: %v", d)
 	}
 	for _, e := range d.Claims {
-		if e.Owner != owner(b) {
+		if e.Claim.HostPort == 8080 && e.Owner != owner(b) {
 			t.Errorf("left behind: %v", e)
 		}
 	}
