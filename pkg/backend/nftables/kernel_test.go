@@ -230,12 +230,12 @@ func TestKernelSecondClaimRefusedUnlessTakenOver(t *testing.T) {
 	// that the key still holds what was observed is the generation check's job.)
 	err = k.commit(func(tx *Tx) error {
 		tx.RemoveClaims(Element{Claim: claim(hostport.V4, "tcp", 7777), Dest: netip.AddrPortFrom(addr(a.IP(testbed.V4)), 80)})
-		return tx.AddAttachment(k.attachment(a, claim(hostport.V4, "tcp", 9090)))
+		return tx.AddAttachment(k.attachment(a, claim(hostport.V4, "tcp", 9191)))
 	})
 	if !errors.Is(err, ErrGone) {
 		t.Fatalf("stale delete: %v, want ErrGone", err)
 	}
-	k.expect("tcp", k.NodeIP4, 9090, "")
+	k.expect("tcp", k.NodeIP4, 9191, "")
 }
 
 func TestKernelWildcardAndHostIPRefuseEachOther(t *testing.T) {
