@@ -479,3 +479,76 @@ func TestKernelGoldenLayout(t *testing.T) {
 	}
 	k.expect("tcp", k.NodeIP4, 8080, "A")
 }
+
+func TestKernelReAddReplacesOwnElementsInOneBatch(t *testing.T) {
+	t.Parallel()
+	k := newKBed(t)
+	a := k.pod("A")
+	att := k.attachment(a, append(both("tcp", 8080), claim(hostport.V4, "udp", 5353, k.NodeIP4))...)
+	att.Owner.ContainerID = strings.Repeat("c", 200) // hashed in the comment
+	k.mustAdd(att)
+	before, err := k.tab.Dump()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reAdd := func() error {
+		return k.commit(func(tx *Tx) error {
+			var cs []hostport.Claim
+			for _, m := range att.Mappings {
+				cs = append(cs, m.Claim)
+			}
+			es, err := tx.Claims(cs...)
+			if err != nil {
+				return err
+			}
+			ms, err := tx.Masq(addr(a.IP(testbed.V4)), addr(a.IP(testbed.V6)))
+			if err != nil {
+				return err
+			}
+			for _, e := range es {
+				if !e.OwnedBy(att.Owner) || !e.Owner.IsZero() {
+					t.Errorf("observed %v, want a hashed comment of the owner", e)
+				}
+			}
+			tx.RemoveClaims(es...)
+			tx.RemoveMasq(ms...)
+			return tx.AddAttachment(att)
+		})
+	}
+	for i := 0; i < 2; i++ {
+		if err := reAdd(); err != nil {
+			t.Fatalf("re-ADD %d: %v", i, err)
+		}
+	}
+	after, err := k.tab.Dump()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(after.Claims) != 3 || !equalDumps(before, after) {
+		t.Errorf("re-ADD changed the table:\n%v\n%v", before, after)
+	}
+	k.expect("tcp", k.NodeIP4, 8080, "A")
+	k.expect("tcp", k.NodeIP6, 8080, "A")
+	k.expect("udp", k.NodeIP4, 5353, "A")
+	// A bare second add of the same attachment is refused: never a duplicate.
+	if err := k.add(att); !errors.Is(err, ErrClaimed) {
+		t.Fatalf("bare re-add: %v, want ErrClaimed", err)
+	}
+}
+
+func equalDumps(a, b Dump) bool {
+	if len(a.Claims) != len(b.Claims) || len(a.Masq) != len(b.Masq) || len(a.Subnets) != len(b.Subnets) {
+		return false
+	}
+	for i := range a.Claims {
+		if a.Claims[i] != b.Claims[i] {
+			return false
+		}
+	}
+	for i := range a.Masq {
+		if a.Masq[i] != b.Masq[i] {
+			return false
+		}
+	}
+	return true
+}
