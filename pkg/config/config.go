@@ -16,6 +16,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
+	"github.com/portguard/portguard/pkg/nftcond"
 )
 
 // Conflict policies for a host port already claimed by another owner.
@@ -32,6 +33,17 @@ const (
 	PolicyReject   = "reject"
 	PolicyAllow    = "allow"
 )
+
+// Backends, as the backend key spells them.
+const (
+	BackendIPTables = "iptables"
+	BackendNFTables = "nftables"
+)
+
+// nftablesAccepted gates "backend": "nftables". It stays false (the key is refused) until
+// the nftables backend is wired; everything behind it (conditions parsed by pkg/nftcond
+// into Config.NFTConditions) is tested with it switched on.
+var nftablesAccepted = false
 
 const (
 	DefaultMarkBit     = 13
@@ -98,13 +110,19 @@ type Config struct {
 	MasqAll              bool
 	MarkBit              int
 	ExternalSetMarkChain string
-	Conditions           map[hostport.Family][]string
-	Mappings             []Mapping
-	Policy               string
-	LogFile              string
-	LockTimeout          time.Duration
-	CNICacheDir          string // "" or an absolute path
-	PrevResult           *current.Result
+	// Backend is BackendIPTables or BackendNFTables.
+	Backend string
+	// Conditions are the iptables backend's conditionsV4/V6: iptables match arguments.
+	Conditions map[hostport.Family][]string
+	// NFTConditions are the nftables backend's conditionsV4/V6, parsed from nft syntax
+	// (pkg/nftcond); a family without conditions has no entry.
+	NFTConditions map[hostport.Family]nftcond.Conditions
+	Mappings      []Mapping
+	Policy        string
+	LogFile       string
+	LockTimeout   time.Duration
+	CNICacheDir   string // "" or an absolute path
+	PrevResult    *current.Result
 	// PodIPs is the container address per family, taken from prevResult as upstream does.
 	PodIPs map[hostport.Family]netip.Prefix
 }
@@ -157,7 +175,8 @@ func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 		_, raw.PortMappingsSent = sent.RuntimeConfig["portMappings"]
 	}
 	c := &Config{Raw: raw, Network: raw.Name, CNIVersion: raw.CNIVersion, MasqAll: raw.MasqAll,
-		Conditions: map[hostport.Family][]string{}, PodIPs: map[hostport.Family]netip.Prefix{}}
+		Backend: BackendIPTables, Conditions: map[hostport.Family][]string{},
+		NFTConditions: map[hostport.Family]nftcond.Conditions{}, PodIPs: map[hostport.Family]netip.Prefix{}}
 
 	if !hostport.ValidNetworkName(raw.Name) {
 		return nil, invalid("name", "%q is not a valid network name (letters, digits, '_', '.', '-'; starting with a letter or digit)", truncate(raw.Name))
@@ -184,9 +203,12 @@ func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 
 	if raw.Backend != nil {
 		switch *raw.Backend {
-		case "iptables":
-		case "nftables":
-			return nil, invalid("backend", "nftables is not supported yet; use \"iptables\" or omit the key")
+		case BackendIPTables:
+		case BackendNFTables:
+			if !nftablesAccepted {
+				return nil, invalid("backend", "nftables is not supported yet; use \"iptables\" or omit the key")
+			}
+			c.Backend = BackendNFTables
 		default:
 			return nil, invalid("backend", "unknown backend %q (want \"iptables\")", truncate(*raw.Backend))
 		}
@@ -198,6 +220,16 @@ func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 		v     *[]string
 	}{{"conditionsV4", hostport.V4, raw.ConditionsV4}, {"conditionsV6", hostport.V6, raw.ConditionsV6}} {
 		if cond.v == nil {
+			continue
+		}
+		if c.Backend == BackendNFTables {
+			nc, err := nftConditions(cond.field, cond.f, *cond.v)
+			if err != nil && strict {
+				return nil, err
+			}
+			if err == nil && !nc.Empty() {
+				c.NFTConditions[cond.f] = nc
+			}
 			continue
 		}
 		args, err := validConditions(cond.field, cond.f, *cond.v)
@@ -335,6 +367,19 @@ func validConditions(field string, f hostport.Family, conds []string) ([]string,
 		return nil, err
 	}
 	return out, nil
+}
+
+// nftConditions parses one family's conditions for the nftables backend (pkg/nftcond
+// documents the accepted subset), refusing iptables arguments as upstream does.
+func nftConditions(field string, f hostport.Family, conds []string) (nftcond.Conditions, error) {
+	if len(conds) > 0 && conds[0] != "" && (conds[0][0] == '-' || conds[0][0] == '!') {
+		return nftcond.Conditions{}, invalid(field, "%q looks like an iptables argument; the nftables backend needs nft matches (e.g. \"ip saddr 192.0.2.1\")", truncate(conds[0]))
+	}
+	nc, err := nftcond.Parse(field, f, conds)
+	if e, ok := err.(*nftcond.Error); ok {
+		return nc, invalid(e.Field, "%s", e.Msg)
+	}
+	return nc, err
 }
 
 func isCommandOption(a string) bool {

@@ -211,3 +211,98 @@ func TestParseDelDropsRefusedConditions(t *testing.T) {
 		t.Errorf("conditions %v: want the refused IPv4 ones dropped, IPv6 kept", c.Conditions)
 	}
 }
+
+// withNFTables accepts "backend": "nftables" for one test, as it will be once the backend
+// is wired.
+func withNFTables(t *testing.T) {
+	t.Helper()
+	old := nftablesAccepted
+	nftablesAccepted = true
+	t.Cleanup(func() { nftablesAccepted = old })
+}
+
+func TestNFTablesBackendRefusedUntilWired(t *testing.T) {
+	if _, err := parse(t, `"backend":"nftables","conditionsV4":["ip saddr 192.0.2.1"]`); err == nil || !strings.Contains(err.Error(), "backend") {
+		t.Fatalf("backend nftables accepted before the backend is wired: %v", err)
+	}
+}
+
+// With the nftables backend, conditions are nft matches parsed by pkg/nftcond into
+// NFTConditions, upstream's list-of-fragments form included; iptables Conditions stay empty.
+func TestNFTablesConditionsParsedIntoExpressions(t *testing.T) {
+	withNFTables(t)
+	c, err := parse(t, `"backend":"nftables","conditionsV4":["ip","saddr","{ 192.0.2.1, 10.0.0.0/8 }","iifname eth0"],"conditionsV6":["ip6 daddr != fd00::/8"]`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Backend != BackendNFTables || len(c.Conditions) != 0 {
+		t.Fatalf("backend %q, iptables conditions %v", c.Backend, c.Conditions)
+	}
+	if got := c.NFTConditions[hostport.V4].String(); got != `ip saddr { 10.0.0.0/8, 192.0.2.1 } iifname "eth0"` {
+		t.Errorf("conditionsV4: %q", got)
+	}
+	if got := c.NFTConditions[hostport.V6].String(); got != "ip6 daddr != fd00::/8" {
+		t.Errorf("conditionsV6: %q", got)
+	}
+	// Upstream's own test config (portmap_test.go, "allows nftables conditions").
+	c, err = parse(t, `"backend":"nftables","conditionsV4":["ip","saddr","1.2.3.4"],"conditionsV6":["ip6","saddr","12::34"]`)
+	if err != nil || c.NFTConditions[hostport.V4].String() != "ip saddr 1.2.3.4" || c.NFTConditions[hostport.V6].String() != "ip6 saddr 12::34" {
+		t.Errorf("upstream's example: %v, %v", c, err)
+	}
+	for _, body := range []string{`"backend":"nftables"`, `"backend":"nftables","conditionsV4":[""]`, `"backend":"nftables","conditionsV6":[]`} {
+		c, err := parse(t, body)
+		if err != nil || len(c.NFTConditions) != 0 {
+			t.Errorf("%s: %v, %v: want no conditions", body, c.NFTConditions, err)
+		}
+	}
+	// The iptables backend (explicit or by default) still reads iptables arguments.
+	for _, body := range []string{`"conditionsV4":["-s","192.0.2.1"]`, `"backend":"iptables","conditionsV4":["-s","192.0.2.1"]`} {
+		c, err := parse(t, body)
+		if err != nil || c.Backend != BackendIPTables || len(c.Conditions[hostport.V4]) != 2 || len(c.NFTConditions) != 0 {
+			t.Errorf("%s: %+v, %v", body, c, err)
+		}
+	}
+}
+
+func TestNFTablesConditionsRefusalsNameTheItem(t *testing.T) {
+	withNFTables(t)
+	for body, want := range map[string]string{
+		`"conditionsV4":["ip saddr 192.0.2.1","accept"]`:           "conditionsV4[1]: \"accept\" is an nft statement",
+		`"conditionsV4":["ip saddr 192.0.2.1\nadd table ip x"]`:    "conditionsV4[0]: byte 0x0a",
+		`"conditionsV4":["ip saddr 192.0.2.1;","add table ip x"]`:  "conditionsV4[0]: ';' ends an nft statement",
+		`"conditionsV4":["ip6 saddr ::1"]`:                         "conditionsV4[0]: an ip6 match among IPv4 conditions",
+		`"conditionsV6":["iifname eth0","ip saddr 192.0.2.1"]`:     "conditionsV6[1]: an ip match among IPv6 conditions",
+		`"conditionsV4":["-s","192.0.2.1"]`:                        "conditionsV4: \"-s\" looks like an iptables argument",
+		`"conditionsV4":["tcp dport 80"]`:                          "conditionsV4[0]: \"tcp\" is not a match (accepted: ",
+		`"conditionsV6":["ip6 saddr { fd00::1 ","jump x }"]`:       "conditionsV6[1]: \"jump\" is an nft statement",
+		`"conditionsV4":["iifname","{ \"a\" }"]`:                   "conditionsV4[1]: iifname: sets of names are not accepted",
+		`"conditionsV4":["meta mark & 0xff == 0x100"]`:             "conditionsV4[0]: meta mark & 0x000000ff cannot equal 0x00000100",
+		`"conditionsV4":["ip saddr 192.0.2.1","ip daddr nothost"]`: "conditionsV4[1]: ip daddr \"nothost\": not an IPv4 address",
+	} {
+		_, err := parse(t, `"backend":"nftables",`+body)
+		var ce *types.Error
+		if !errors.As(err, &ce) {
+			t.Errorf("%s: want a CNI error, got %v", body, err)
+			continue
+		}
+		if ce.Code != types.ErrInvalidNetworkConfig || !strings.HasPrefix(ce.Msg, want) {
+			t.Errorf("%s: got code %d %q, want code %d starting %q", body, ce.Code, ce.Msg, types.ErrInvalidNetworkConfig, want)
+		}
+	}
+}
+
+// DEL under the nftables backend drops conditions ADD refuses, as under iptables.
+func TestNFTablesParseDelDropsRefusedConditions(t *testing.T) {
+	withNFTables(t)
+	in := []byte(`{"cniVersion":"1.0.0","name":"net","type":"portguard","backend":"nftables","conditionsV4":["ip saddr somehost"],"conditionsV6":["ip6 saddr fd00::1"]}`)
+	if _, err := Parse(in, "eth0"); err == nil {
+		t.Fatal("Parse accepted a host name in conditionsV4")
+	}
+	c, err := ParseDel(in, "eth0")
+	if err != nil {
+		t.Fatalf("ParseDel: %v", err)
+	}
+	if _, ok := c.NFTConditions[hostport.V4]; ok || c.NFTConditions[hostport.V6].String() != "ip6 saddr fd00::1" {
+		t.Errorf("conditions %v: want the refused IPv4 ones dropped, IPv6 kept", c.NFTConditions)
+	}
+}
