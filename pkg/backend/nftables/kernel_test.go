@@ -161,6 +161,10 @@ func TestKernelClaimForwardsBothFamilies(t *testing.T) {
 			t.Errorf("observed %v", e)
 		}
 	}
+	// No upstream tables on this node: nothing to report, no error.
+	if up, err := tx.Upstream(); err != nil || len(up) != 0 {
+		t.Errorf("Upstream without upstream tables: %v, %v", up, err)
+	}
 	// Ensure on a table in place writes nothing (and so keeps every element).
 	if wrote, err := k.tab.Ensure(); err != nil || wrote {
 		t.Errorf("second Ensure: wrote %v, %v", wrote, err)

@@ -8,6 +8,23 @@
 // Objects (table, maps, chains, rules) are built with google/nftables; elements, point
 // lookups and the generation-checked commit go through pkg/nft (see pkg/nft/elems.go for
 // what google/nftables v0.3.0 lacks and why it matters here).
+//
+// A verb, under the engine's lock, in the node's network namespace:
+//
+//	t, _ := Open()                 // once per call; keep it open until the end
+//	t.Ensure()                     // ADD: create or repair the layout (no-op when in place)
+//	tx, _ := t.Begin()             // reads from here on are checked at Commit
+//	es, _ := tx.Claims(claims...)  // point lookups: every element conflicting with a claim
+//	ms, _ := tx.Masq(podIPs...)    // this attachment's (or a loser's) masquerade entries
+//	up, _ := tx.Upstream()         // upstream cni_hostport rules (takeover, DEL leftovers)
+//	// the engine judges the owners of es/up (pkg/liveness), refuses or goes on:
+//	tx.RemoveClaims(losers...); tx.RemoveMasq(...); tx.RemoveUpstream(...)
+//	tx.AddAttachment(Attachment{Owner, Mappings, SNAT})
+//	err := tx.Commit()             // one batch, both families; ErrClaimed / ErrChanged / ErrGone
+//
+// ErrChanged means another writer committed after Begin: observe again and re-plan.
+// DEL is the same without AddAttachment; CHECK is Verify plus Claims compared with the
+// mappings; audit and GC read Dump. A Table is not safe for concurrent use.
 package nftables
 
 import (
