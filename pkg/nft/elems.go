@@ -73,38 +73,54 @@ func (e Elem) encode(withData bool) []byte {
 	return rawAttr(unix.NFTA_LIST_ELEM|unix.NLA_F_NESTED, b)
 }
 
-func elemMsg(typ int, flags uint16, fam uint8, table, set string, withData bool, es []Elem) *msg {
-	m := newMsg(nftType(typ), flags, fam)
-	m.str(unix.NFTA_SET_ELEM_LIST_TABLE, table).str(unix.NFTA_SET_ELEM_LIST_SET, set)
+// maxElemList bounds the bytes of one message's element list: netlink attribute lengths
+// are 16 bits, so a list over 64 KiB wraps (the kernel then refuses the message). Longer
+// lists go in several messages of the same batch, as nft(8) does.
+const maxElemList = 60000
+
+func elemMsgs(typ int, flags uint16, fam uint8, table, set string, withData bool, es []Elem) []Op {
+	var ops []Op
 	var l []byte
-	for _, e := range es {
-		l = append(l, e.encode(withData)...)
+	flush := func() {
+		m := newMsg(nftType(typ), flags, fam)
+		m.str(unix.NFTA_SET_ELEM_LIST_TABLE, table).str(unix.NFTA_SET_ELEM_LIST_SET, set)
+		m.attr(unix.NFTA_SET_ELEM_LIST_ELEMENTS|unix.NLA_F_NESTED, l)
+		ops = append(ops, Op{m})
+		l = nil
 	}
-	m.attr(unix.NFTA_SET_ELEM_LIST_ELEMENTS|unix.NLA_F_NESTED, l)
-	return m
+	for _, e := range es {
+		b := e.encode(withData)
+		if len(l) > 0 && len(l)+len(b) > maxElemList {
+			flush()
+		}
+		l = append(l, b...)
+	}
+	flush()
+	return ops
 }
 
-// AddElems adds elements to a set or map of table in family fam (NFPROTO_*). With excl
+// AddElems adds elements to a set or map of table in family fam (NFPROTO_*), in as many
+// messages as their size needs (see maxElemList). With excl
 // the kernel refuses (EEXIST) any element whose key exists, whatever its value; without,
 // it refuses only a key that exists with another value.
 // It fails only for a comment longer than MaxComment, which the kernel would refuse with a
 // bare ERANGE.
-func AddElems(fam uint8, table, set string, excl bool, es ...Elem) (Op, error) {
+func AddElems(fam uint8, table, set string, excl bool, es ...Elem) ([]Op, error) {
 	for _, e := range es {
 		if len(e.Comment) > MaxComment {
-			return Op{}, fmt.Errorf("element comment of %d bytes in %s (at most %d)", len(e.Comment), set, MaxComment)
+			return nil, fmt.Errorf("element comment of %d bytes in %s (at most %d)", len(e.Comment), set, MaxComment)
 		}
 	}
 	flags := uint16(unix.NLM_F_REQUEST | unix.NLM_F_ACK | unix.NLM_F_CREATE)
 	if excl {
 		flags |= unix.NLM_F_EXCL
 	}
-	return Op{elemMsg(unix.NFT_MSG_NEWSETELEM, flags, fam, table, set, true, es)}, nil
+	return elemMsgs(unix.NFT_MSG_NEWSETELEM, flags, fam, table, set, true, es), nil
 }
 
 // DeleteElems deletes elements by key; the batch fails (ENOENT) when one is missing.
-func DeleteElems(fam uint8, table, set string, es ...Elem) Op {
-	return Op{elemMsg(unix.NFT_MSG_DELSETELEM, unix.NLM_F_REQUEST|unix.NLM_F_ACK, fam, table, set, false, es)}
+func DeleteElems(fam uint8, table, set string, es ...Elem) []Op {
+	return elemMsgs(unix.NFT_MSG_DELSETELEM, unix.NLM_F_REQUEST|unix.NLM_F_ACK, fam, table, set, false, es)
 }
 
 // DeleteRuleIn deletes the rule with this handle from table/chain of family fam.
@@ -118,7 +134,7 @@ func DeleteRuleIn(fam uint8, table, chain string, handle uint64) Op {
 // the kernel answers with the element whose ranges contain key. ok is false when no
 // element matches, or the set or table does not exist.
 func (c *Conn) Elem(fam uint8, table, set string, key []byte) (e Elem, ok bool, err error) {
-	m := elemMsg(unix.NFT_MSG_GETSETELEM, unix.NLM_F_REQUEST, fam, table, set, false, []Elem{{Key: key}})
+	m := elemMsgs(unix.NFT_MSG_GETSETELEM, unix.NLM_F_REQUEST, fam, table, set, false, []Elem{{Key: key}})[0].m
 	objs, err := c.get(m)
 	if errors.Is(err, unix.ENOENT) {
 		return Elem{}, false, nil
@@ -142,7 +158,55 @@ func (c *Conn) Elem(fam uint8, table, set string, key []byte) (e Elem, ok bool, 
 
 // Elems dumps every element of a set (for audits; verbs use Elem). A missing set or table
 // reads as empty.
+//
+// A dump is several requests that each skip the elements already sent, and a hash set
+// that the kernel is resizing (it does so in the background after a large batch) reorders
+// under them: measured, a dump of 10,000 elements right after they were added returned
+// 10,164, some twice. Keys are unique in a set, so a repeated key proves the dump was
+// disturbed; it is read again until one dump repeats no key and agrees with the previous
+// one, or fails with ErrDumpInterrupted.
 func (c *Conn) Elems(fam uint8, table, set string) ([]Elem, error) {
+	var prev map[string]bool
+	disturbed := false
+	for attempt := 0; attempt < 10; attempt++ {
+		es, err := c.elemsOnce(fam, table, set)
+		if err != nil {
+			return nil, err
+		}
+		keys := make(map[string]bool, len(es))
+		dup := false
+		for _, e := range es {
+			k := string(e.Key) + "\x00" + string(e.KeyEnd)
+			dup = dup || keys[k]
+			keys[k] = true
+		}
+		switch {
+		case dup:
+			disturbed, prev = true, nil
+		case !disturbed:
+			return es, nil
+		case prev != nil && sameKeys(prev, keys):
+			return es, nil // after a disturbed dump, two clean dumps that agree
+		default:
+			prev = keys
+		}
+	}
+	return nil, ErrDumpInterrupted
+}
+
+func sameKeys(a, b map[string]bool) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k := range a {
+		if !b[k] {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *Conn) elemsOnce(fam uint8, table, set string) ([]Elem, error) {
 	m := newMsg(nftType(unix.NFT_MSG_GETSETELEM), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, fam)
 	m.str(unix.NFTA_SET_ELEM_LIST_TABLE, table).str(unix.NFTA_SET_ELEM_LIST_SET, set)
 	objs, err := c.get(m)

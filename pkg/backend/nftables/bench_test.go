@@ -33,7 +33,8 @@ func BenchmarkKernelVerbs(b *testing.B) {
 	}
 }
 
-func benchNetns(b *testing.B) ns.NetNS {
+// ownNetns creates an empty network namespace pgnft-<hex>, removed at cleanup.
+func ownNetns(b testing.TB) ns.NetNS {
 	r := make([]byte, 3)
 	_, _ = rand.Read(r)
 	name := "pgnft-" + hex.EncodeToString(r)
@@ -65,7 +66,7 @@ func benchAttachment(i int) (Attachment, []hostport.Claim, []netip.Addr) {
 }
 
 func benchVerbs(b *testing.B, n int) {
-	h := benchNetns(b)
+	h := ownNetns(b)
 	var t *Table
 	if err := h.Do(func(ns.NetNS) (err error) { t, err = Open(); return err }); err != nil {
 		b.Fatal(err)
@@ -74,21 +75,7 @@ func benchVerbs(b *testing.B, n int) {
 	if _, err := t.Ensure(); err != nil {
 		b.Fatal(err)
 	}
-	for i := 0; i < n; i += 100 {
-		tx, err := t.Begin()
-		if err != nil {
-			b.Fatal(err)
-		}
-		for j := i; j < i+100 && j < n; j++ {
-			a, _, _ := benchAttachment(j)
-			if err := tx.AddAttachment(a); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := tx.Commit(); err != nil {
-			b.Fatalf("prefill: %v", err)
-		}
-	}
+	prefill(b, t, n)
 	a, cs, pods := benchAttachment(n + 1)
 	var add, del, look, addCommit, delCommit time.Duration
 	b.ResetTimer()
@@ -147,4 +134,21 @@ func benchVerbs(b *testing.B, n int) {
 	b.ReportMetric(us(look), "lookup-µs")
 	b.ReportMetric(us(addCommit), "add-commit-µs")
 	b.ReportMetric(us(delCommit), "del-commit-µs")
+}
+
+// prefill adds attachments 0..n-1 in one transaction.
+func prefill(tb testing.TB, t *Table, n int) {
+	tx, err := t.Begin()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for j := 0; j < n; j++ {
+		a, _, _ := benchAttachment(j)
+		if err := tx.AddAttachment(a); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		tb.Fatalf("prefill: %v", err)
+	}
 }

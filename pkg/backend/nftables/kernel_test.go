@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -555,4 +556,62 @@ func equalDumps(a, b Dump) bool {
 		}
 	}
 	return true
+}
+
+// TestKernelLargeBatches: 5,000 attachments (10,000 claims) created in one transaction and
+// all removed in another, as GC or repair would: the batch exceeds a netlink attribute's
+// 64 KiB and the socket's default buffers, which the transport must handle.
+func TestKernelLargeBatches(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	t.Parallel()
+	h := ownNetns(t)
+	var tab *Table
+	if err := h.Do(func(ns.NetNS) (err error) { tab, err = Open(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer tab.Close()
+	if _, err := tab.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	prefill(t, tab, 5000)
+	t.Logf("created 5,000 attachments in one batch in %v", time.Since(start))
+	d, err := tab.Dump()
+	if err != nil || len(d.Claims) != 10000 || len(d.Masq) != 10000 {
+		t.Fatalf("dump: %d claims, %d masquerade entries, %v", len(d.Claims), len(d.Masq), err)
+	}
+	seen := map[string]bool{}
+	for _, e := range d.Claims {
+		if seen[e.Claim.String()] {
+			t.Fatalf("dump repeats %v", e)
+		}
+		seen[e.Claim.String()] = true
+	}
+	start = time.Now()
+	tx, err := tab.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx.RemoveClaims(d.Claims...)
+	tx.RemoveMasq(d.Masq...)
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("removed them in one batch in %v", time.Since(start))
+	d, err = tab.Dump()
+	if err != nil || len(d.Claims)+len(d.Masq) != 0 {
+		t.Fatalf("after removal: %d claims, %d masquerade entries, %v", len(d.Claims), len(d.Masq), err)
+	}
+	// The guards went with the claims: a hostIP claim on a freed port is accepted.
+	tx, _ = tab.Begin()
+	a, _, _ := benchAttachment(0)
+	a.Mappings[0].Claim.HostIP = netip.MustParseAddr("192.0.2.1")
+	if err := tx.AddAttachment(a); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatalf("hostIP claim on a freed port: %v", err)
+	}
 }

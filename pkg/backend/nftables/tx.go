@@ -92,6 +92,9 @@ type guardKey struct {
 // forbids (a wildcard beside hostIP claims that stay, or the reverse) is emitted as an
 // EXCL create of the existing key, so the kernel refuses the batch: the check is the
 // kernel's, not a read that another writer could outrun.
+//
+// The deletions and creations are grouped per map (one message each, so one ack each: a
+// batch of thousands of ports would otherwise overflow the socket with acks).
 func (tx *Tx) guardOps() ([]nft.Op, error) {
 	type delta struct{ wildDel, specDel, wildAdd, specAdd int }
 	ds := map[guardKey]*delta{}
@@ -118,12 +121,36 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 			get(e.Claim).specAdd++
 		}
 	}
-	var ops []nft.Op
+	// A point lookup per port, or one dump of the guards when a batch (GC, repair) touches
+	// so many ports that the lookups would cost more (~15 µs each against ~1 µs per element
+	// dumped).
+	var dumped map[string]uint32
+	if len(order) > 256 {
+		dumped = map[string]uint32{}
+		for _, f := range hostport.Families {
+			es, err := tx.t.nl.Elems(inet, TableName, setName(setGuard, f))
+			if err != nil {
+				return nil, err
+			}
+			for _, e := range es {
+				if len(e.Data) == 4 {
+					dumped[setName(setGuard, f)+string(e.Key)] = binaryNative(e.Data)
+				}
+			}
+		}
+	}
+	dels, adds := map[string][]nft.Elem{}, map[string][]nft.Elem{}
 	for _, k := range order {
 		d := ds[k]
-		obs, exists, err := tx.t.guard(k.f, k.proto, k.port)
-		if err != nil {
-			return nil, err
+		var obs uint32
+		var exists bool
+		if dumped != nil {
+			obs, exists = dumped[setName(setGuard, k.f)+string(protoPort(k.proto, k.port))]
+		} else {
+			var err error
+			if obs, exists, err = tx.t.guard(k.f, k.proto, k.port); err != nil {
+				return nil, err
+			}
 		}
 		set := setName(setGuard, k.f)
 		key := protoPort(k.proto, k.port)
@@ -166,11 +193,7 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 				vals = []uint32{guardWildcard, 1}
 			}
 			for _, v := range vals {
-				op, err := nft.AddElems(inet, TableName, set, true, nft.Elem{Key: key, Data: guardData(v)})
-				if err != nil {
-					return nil, err
-				}
-				ops = append(ops, op)
+				adds[set] = append(adds[set], nft.Elem{Key: key, Data: guardData(v)})
 			}
 			continue
 		}
@@ -178,14 +201,25 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 			continue
 		}
 		if exists {
-			ops = append(ops, nft.DeleteElems(inet, TableName, set, nft.Elem{Key: key}))
+			dels[set] = append(dels[set], nft.Elem{Key: key})
 		}
 		if final != -1 {
-			op, err := nft.AddElems(inet, TableName, set, true, nft.Elem{Key: key, Data: guardData(uint32(final))})
+			adds[set] = append(adds[set], nft.Elem{Key: key, Data: guardData(uint32(final))})
+		}
+	}
+	var ops []nft.Op
+	for _, f := range hostport.Families {
+		if es := dels[setName(setGuard, f)]; len(es) > 0 {
+			ops = append(ops, nft.DeleteElems(inet, TableName, setName(setGuard, f), es...)...)
+		}
+	}
+	for _, f := range hostport.Families {
+		if es := adds[setName(setGuard, f)]; len(es) > 0 {
+			op, err := nft.AddElems(inet, TableName, setName(setGuard, f), true, es...)
 			if err != nil {
 				return nil, err
 			}
-			ops = append(ops, op)
+			ops = append(ops, op...)
 		}
 	}
 	return ops, nil
@@ -233,11 +267,11 @@ func (tx *Tx) Commit() error {
 	}
 	del, order := bySet(tx.delNAT)
 	for _, s := range order {
-		ops = append(ops, nft.DeleteElems(inet, TableName, s, del[s]...))
+		ops = append(ops, nft.DeleteElems(inet, TableName, s, del[s]...)...)
 	}
 	mdel, morder := masqBySet(tx.delMasq)
 	for _, s := range morder {
-		ops = append(ops, nft.DeleteElems(inet, TableName, s, mdel[s]...))
+		ops = append(ops, nft.DeleteElems(inet, TableName, s, mdel[s]...)...)
 	}
 	g, err := tx.guardOps()
 	if err != nil {
@@ -250,7 +284,7 @@ func (tx *Tx) Commit() error {
 		if err != nil {
 			return err
 		}
-		ops = append(ops, op)
+		ops = append(ops, op...)
 	}
 	madd, morder := masqBySet(tx.addMasq)
 	for _, s := range morder {
@@ -258,7 +292,7 @@ func (tx *Tx) Commit() error {
 		if err != nil {
 			return err
 		}
-		ops = append(ops, op)
+		ops = append(ops, op...)
 	}
 	// Subnets: a plain add, which the kernel takes as a no-op for an entry that exists (it
 	// is shared by every pod of the subnet and no verb deletes it).
@@ -272,7 +306,7 @@ func (tx *Tx) Commit() error {
 		if err != nil {
 			return err
 		}
-		ops = append(ops, op)
+		ops = append(ops, op...)
 	}
 	err = tx.t.nl.CommitAt(tx.gen, ops...)
 	switch {
