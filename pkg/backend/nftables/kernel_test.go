@@ -5,7 +5,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -613,5 +615,91 @@ func TestKernelLargeBatches(t *testing.T) {
 	}
 	if err := tx.Commit(); err != nil {
 		t.Fatalf("hostIP claim on a freed port: %v", err)
+	}
+}
+
+// TestKernelGoldenElements: how claims, owners and masquerade entries read in `nft list`
+// (fixed addresses in a namespace of its own, and at most one element per set, whose
+// listing order is the hash's, so the dump is the same on every run).
+func TestKernelGoldenElements(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	t.Parallel()
+	h := ownNetns(t)
+	var tab *Table
+	if err := h.Do(func(ns.NetNS) (err error) { tab, err = Open(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	defer tab.Close()
+	if _, err := tab.Ensure(); err != nil {
+		t.Fatal(err)
+	}
+	o1 := hostport.Owner{Network: "net1", ContainerID: "c1"}
+	o2 := hostport.Owner{Network: "net2", ContainerID: strings.Repeat("c", 130)}
+	tx, _ := tab.Begin()
+	for _, a := range []Attachment{
+		{Owner: o1, Mappings: []Mapping{
+			{Claim: hostport.Claim{Family: hostport.V4, Proto: "tcp", HostPort: 8080}, Dest: netip.MustParseAddrPort("10.200.0.1:80")},
+			{Claim: hostport.Claim{Family: hostport.V6, Proto: "tcp", HostPort: 8080}, Dest: netip.MustParseAddrPort("[fd00:200::1]:80")},
+		}, SNAT: []SNAT{{Pod: netip.MustParsePrefix("10.200.0.1/24")}, {Pod: netip.MustParsePrefix("fd00:200::1/64")}}},
+		{Owner: o2, Mappings: []Mapping{
+			{Claim: hostport.Claim{Family: hostport.V6, Proto: "udp", HostIP: netip.MustParseAddr("2001:db8::1"), HostPort: 53}, Dest: netip.MustParseAddrPort("[fd00:200:1::2]:5353")},
+		}, SNAT: []SNAT{{Pod: netip.MustParsePrefix("fd00:200:1::2/64"), All: true}}},
+	} {
+		if err := tx.AddAttachment(a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var out []byte
+	err := h.Do(func(ns.NetNS) (err error) {
+		out, err = exec.Command("nft", "list", "table", "inet", TableName).CombinedOutput()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("nft list: %v %s", err, out)
+	}
+	// Only the elements (the layout has its own golden file), one per line and sorted: a
+	// hash set lists them in the order of its random seed.
+	var got []string
+	inElems := false
+	var elems []string
+	for _, l := range strings.Split(string(out), "\n") {
+		l = strings.TrimSpace(l)
+		if strings.HasPrefix(l, "map ") || strings.HasPrefix(l, "set ") {
+			got = append(got, l)
+		}
+		if rest, ok := strings.CutPrefix(l, "elements = { "); ok {
+			inElems, l = true, rest
+		}
+		if !inElems {
+			continue
+		}
+		l, end := strings.CutSuffix(l, " }")
+		elems = append(elems, strings.TrimSuffix(l, ","))
+		if end {
+			slices.Sort(elems)
+			for _, e := range elems {
+				got = append(got, "\t"+e)
+			}
+			inElems, elems = false, nil
+		}
+	}
+	s := strings.Join(got, "\n") + "\n"
+	if os.Getenv("UPDATE_GOLDEN") != "" {
+		if err := os.WriteFile("testdata/elements.golden", []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile("testdata/elements.golden")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s != string(want) {
+		t.Errorf("elements differ from testdata/elements.golden (UPDATE_GOLDEN=1 to rewrite):\n%s", s)
 	}
 }

@@ -223,7 +223,8 @@ func decodeSubnet(f hostport.Family, e nft.Elem) (netip.Prefix, bool) {
 // hostIP claim (which needs the count) refuse each other whatever order they come in.
 const guardWildcard = 0
 
-// Guard values are marks, which nft keeps in host byte order.
-func guardData(v uint32) []byte { return binary.NativeEndian.AppendUint32(nil, v) }
+// Guard values are opaque to the kernel; big endian, because nft lists a map's mark values
+// so when the map does not record a byte order, and a count of 1 then reads 0x00000001.
+func guardData(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 
-func binaryNative(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }
+func guardValue(b []byte) uint32 { return binary.BigEndian.Uint32(b) }

@@ -105,7 +105,7 @@ func (t *Table) guard(f hostport.Family, proto string, port int) (v uint32, ok b
 	if len(e.Data) != 4 {
 		return 0, false, fmt.Errorf("guard element of %d bytes", len(e.Data))
 	}
-	return binaryNative(e.Data), true, nil
+	return guardValue(e.Data), true, nil
 }
 
 // Claims returns every element that conflicts with one of the claims (hostport's rule:

@@ -134,7 +134,7 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 			}
 			for _, e := range es {
 				if len(e.Data) == 4 {
-					dumped[setName(setGuard, f)+string(e.Key)] = binaryNative(e.Data)
+					dumped[setName(setGuard, f)+string(e.Key)] = guardValue(e.Data)
 				}
 			}
 		}
