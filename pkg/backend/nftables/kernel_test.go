@@ -703,3 +703,29 @@ func TestKernelGoldenElements(t *testing.T) {
 		t.Errorf("elements differ from testdata/elements.golden (UPDATE_GOLDEN=1 to rewrite):\n%s", s)
 	}
 }
+
+// TestKernelServicesKeepPrecedence: a kube-proxy-like table (its own, nat prerouting at
+// dstnat -100, as kube-proxy's nftables mode and iptables' nat) that DNATs the same port
+// wins over a claim, in both families; traffic it does not take still reaches the claim.
+func TestKernelServicesKeepPrecedence(t *testing.T) {
+	t.Parallel()
+	k := newKBed(t)
+	a, b := k.pod("A"), k.pod("B")
+	k.mustAdd(k.attachment(a, append(both("tcp", 8080), both("tcp", 9090)...)...))
+	script := `
+table inet kube-proxy-test {
+	chain nat-prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr ` + k.NodeIP4.String() + ` tcp dport 8080 dnat ip to ` + b.IP(testbed.V4).String() + `:80
+		ip6 daddr ` + k.NodeIP6.String() + ` tcp dport 8080 dnat ip6 to [` + b.IP(testbed.V6).String() + `]:80
+	}
+}
+`
+	if _, err := k.Exec(k.Node, "sh", "-c", "nft -f - <<'EOF'\n"+script+"EOF\n"); err != nil {
+		t.Fatal(err)
+	}
+	k.expect("tcp", k.NodeIP4, 8080, "B")
+	k.expect("tcp", k.NodeIP6, 8080, "B")
+	k.expect("tcp", k.NodeIP4, 9090, "A")
+	k.expect("tcp", k.NodeIP6, 9090, "A")
+}
