@@ -23,9 +23,11 @@ import (
 // package knows no layout.
 
 // Elem is one element of a set or map: its key (and, in interval sets, the key's end), its
-// value in maps, and its comment (NFTNL_UDATA_SET_ELEM_COMMENT, at most 128 bytes).
+// value in maps (Data, or in verdict maps Jump: the chain it jumps to), and its comment
+// (NFTNL_UDATA_SET_ELEM_COMMENT, at most 128 bytes).
 type Elem struct {
 	Key, KeyEnd, Data []byte
+	Jump              string
 	Comment           string
 }
 
@@ -66,6 +68,12 @@ func (e Elem) encode(withData bool) []byte {
 	}
 	if withData && len(e.Data) > 0 {
 		b = append(b, nest(unix.NFTA_SET_ELEM_DATA, dataValue(e.Data))...)
+	}
+	if withData && e.Jump != "" {
+		jump := int32(unix.NFT_JUMP) // negative: verdict codes share the space of NF_* verdicts
+		code := binary.BigEndian.AppendUint32(nil, uint32(jump))
+		v := append(rawAttr(unix.NFTA_VERDICT_CODE, code), rawAttr(unix.NFTA_VERDICT_CHAIN, append([]byte(e.Jump), 0))...)
+		b = append(b, nest(unix.NFTA_SET_ELEM_DATA, nest(unix.NFTA_DATA_VERDICT, v))...)
 	}
 	if withData && e.Comment != "" {
 		b = append(b, rawAttr(unix.NFTA_SET_ELEM_USERDATA, udata(e.Comment))...)
@@ -254,6 +262,15 @@ func decodeElems(b []byte) ([]Elem, error) {
 			return append([]byte(nil), va.get(unix.NFTA_DATA_VALUE)...)
 		}
 		e := Elem{Key: value(unix.NFTA_SET_ELEM_KEY), KeyEnd: value(nftaSetElemKeyEnd), Data: value(unix.NFTA_SET_ELEM_DATA)}
+		if d := ea.get(unix.NFTA_SET_ELEM_DATA); d != nil {
+			if da, err := attrs(d); err == nil {
+				if v := da.get(unix.NFTA_DATA_VERDICT); v != nil {
+					if va, err := attrs(v); err == nil {
+						e.Jump = cstr(va.get(unix.NFTA_VERDICT_CHAIN))
+					}
+				}
+			}
+		}
 		if e.Key == nil {
 			// Interval sets dumped by older kernels carry start/end as separate, flagged
 			// elements; none of the sets this is used for does.

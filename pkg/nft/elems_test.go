@@ -14,6 +14,7 @@ func TestElemsEncodeDecode(t *testing.T) {
 	es := []Elem{
 		{Key: []byte{6, 0, 0, 0, 0x1f, 0x90, 0, 0}, Data: []byte{10, 0, 0, 1, 0, 80, 0, 0}, Comment: "net/id"},
 		{Key: []byte{1, 2, 3, 4}, KeyEnd: []byte{1, 2, 3, 255}},
+		{Key: []byte{17, 0, 0, 0, 0, 53, 0, 0}, Jump: "cond-x", Comment: "n/c"},
 	}
 	ops, err := AddElems(unix.NFPROTO_INET, "t", "s", true, es...)
 	if err != nil || len(ops) != 1 {
@@ -24,11 +25,11 @@ func TestElemsEncodeDecode(t *testing.T) {
 		t.Error("no NLM_F_EXCL")
 	}
 	got, err := decodeElems(m.data[4:])
-	if err != nil || len(got) != 2 {
+	if err != nil || len(got) != 3 {
 		t.Fatalf("decode: %v, %v", got, err)
 	}
 	for i := range es {
-		if !bytes.Equal(got[i].Key, es[i].Key) || !bytes.Equal(got[i].KeyEnd, es[i].KeyEnd) || !bytes.Equal(got[i].Data, es[i].Data) || got[i].Comment != es[i].Comment {
+		if !bytes.Equal(got[i].Key, es[i].Key) || !bytes.Equal(got[i].KeyEnd, es[i].KeyEnd) || !bytes.Equal(got[i].Data, es[i].Data) || got[i].Comment != es[i].Comment || got[i].Jump != es[i].Jump {
 			t.Errorf("element %d: %+v, want %+v", i, got[i], es[i])
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/nftcond"
 	"github.com/portguard/portguard/test/testbed"
 )
 
@@ -728,4 +729,107 @@ table inet kube-proxy-test {
 	k.expect("tcp", k.NodeIP6, 8080, "B")
 	k.expect("tcp", k.NodeIP4, 9090, "A")
 	k.expect("tcp", k.NodeIP6, 9090, "A")
+}
+
+// TestKernelConditionsPerAttachment: conditions hold per attachment (upstream makes the last
+// ADD's conditions table-wide): A forwards only what comes from the client's address, B
+// only what comes from elsewhere, C has none; equal conditions share one chain; a takeover
+// of a conditioned claim removes its gate with it.
+func TestKernelConditionsPerAttachment(t *testing.T) {
+	t.Parallel()
+	k := newKBed(t)
+	a, b, c := k.pod("A"), k.pod("B"), k.pod("C")
+	cond := func(f hostport.Family, s string) string {
+		t.Helper()
+		field := "conditionsV4"
+		if f == hostport.V6 {
+			field = "conditionsV6"
+		}
+		p, err := nftcond.Parse(field, f, []string{s})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ch, err := k.tab.EnsureConditions(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ch
+	}
+	fromClient := map[hostport.Family]string{
+		hostport.V4: cond(hostport.V4, "ip saddr "+k.ClientIP4.String()),
+		hostport.V6: cond(hostport.V6, "ip6 saddr "+k.ClientIP6.String()),
+	}
+	notClient := map[hostport.Family]string{
+		hostport.V4: cond(hostport.V4, "ip saddr != "+k.ClientIP4.String()),
+		hostport.V6: cond(hostport.V6, "ip6 saddr != "+k.ClientIP6.String()),
+	}
+	if again := cond(hostport.V4, "ip saddr "+k.ClientIP4.String()); again != fromClient[hostport.V4] {
+		t.Errorf("equal conditions, chains %s and %s", again, fromClient[hostport.V4])
+	}
+	attA := k.attachment(a, both("tcp", 8080)...)
+	attA.Conditions = fromClient
+	attB := k.attachment(b, both("tcp", 9090)...)
+	attB.Conditions = notClient
+	k.mustAdd(attA)
+	k.mustAdd(attB)
+	k.mustAdd(k.attachment(c, both("tcp", 7070)...))
+	for _, ip := range []net.IP{k.NodeIP4, k.NodeIP6} {
+		k.expect("tcp", ip, 8080, "A")
+		k.expect("tcp", ip, 9090, "")
+		k.expect("tcp", ip, 7070, "C")
+	}
+	// From the node itself (source: a node address, not the client's): the reverse.
+	for _, ip := range []net.IP{k.NodeIP4, k.NodeIP6} {
+		if got, err := testbed.ConnectTCP(k.Node, ip.String(), 9090); err != nil || got != "B" {
+			t.Errorf("node -> %s:9090: %q (%v), want B", ip, got, err)
+		}
+		if got, err := testbed.ConnectTCP(k.Node, ip.String(), 8080); err == nil {
+			t.Errorf("node -> %s:8080: answered %q, want no answer", ip, got)
+		}
+	}
+	// The same claim with other conditions is still one claim: refused.
+	dup := noMasq(k.attachment(c, both("tcp", 8080)...))
+	dup.Conditions = notClient
+	if err := k.add(dup); !errors.Is(err, ErrClaimed) {
+		t.Fatalf("second claim with other conditions: %v, want ErrClaimed", err)
+	}
+	// Takeover of A's conditioned claims by an unconditioned one: the gates go too.
+	err := k.commit(func(tx *Tx) error {
+		es, err := tx.Claims(both("tcp", 8080)...)
+		if err != nil {
+			return err
+		}
+		for _, e := range es {
+			if e.Gate != fromClient[e.Claim.Family] {
+				t.Errorf("observed %v, want its gate %s", e, fromClient[e.Claim.Family])
+			}
+		}
+		tx.RemoveClaims(es...)
+		return tx.AddAttachment(noMasq(k.attachment(c, both("tcp", 8080)...)))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []testbed.Family{testbed.V4, testbed.V6} {
+		k.expect("tcp", k.NodeIP(f), 8080, "C")
+		if got, err := testbed.ConnectTCP(k.Node, k.NodeIP(f).String(), 8080); err != nil || got != "C" {
+			t.Errorf("node -> %s:8080 after takeover: %q (%v), want C", k.NodeIP(f), got, err)
+		}
+	}
+	d, err := k.tab.Dump()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gated := 0
+	for _, e := range d.Claims {
+		if e.Gate != "" {
+			gated++
+			if e.Claim.HostPort != 9090 {
+				t.Errorf("gate left on %v", e)
+			}
+		}
+	}
+	if gated != 2 {
+		t.Errorf("%d gated claims, want B's 2", gated)
+	}
 }

@@ -63,12 +63,14 @@ const (
 
 // Set names. The family suffix keeps one layout for both families in one table.
 const (
-	setHostIP  = "hostip"  // hostIP . l4proto . port : podIP . port
-	setAny     = "any"     // l4proto . port : podIP . port
-	setGuard   = "guard"   // l4proto . port : mark (wildcard claim or count of hostIP claims)
-	setSNAT    = "snat"    // podIP: pods with snat (hairpin from their subnet, IPv4 localhost)
-	setMasqAll = "masqall" // podIP: pods with snat and masqAll (every source)
-	setSubnets = "subnets" // subnet . subnet (interval): hairpin = source and pod in one subnet
+	setHostIP     = "hostip"     // hostIP . l4proto . port : podIP . port
+	setAny        = "any"        // l4proto . port : podIP . port
+	setGuard      = "guard"      // l4proto . port : mark (wildcard claim or count of hostIP claims)
+	setGateHostIP = "gatehostip" // hostIP . l4proto . port : jump cond-… (claims with conditions)
+	setGateAny    = "gateany"    // l4proto . port : jump cond-…
+	setSNAT       = "snat"       // podIP: pods with snat (hairpin from their subnet, IPv4 localhost)
+	setMasqAll    = "masqall"    // podIP: pods with snat and masqAll (every source)
+	setSubnets    = "subnets"    // subnet . subnet (interval): hairpin = source and pod in one subnet
 )
 
 // Chain names.
@@ -80,7 +82,7 @@ const (
 
 // layoutMark is the comment on every layout rule; Verify compares rule counts and marks.
 // Bump it whenever the rules change, so Ensure rewrites them on an upgraded node.
-const layoutMark = "portguard layout 2"
+const layoutMark = "portguard layout 3"
 
 func setName(base string, f hostport.Family) string {
 	if f == hostport.V6 {
@@ -108,6 +110,10 @@ func sets(f hostport.Family) []*gnft.Set {
 			KeyType: gnft.MustConcatSetType(gnft.TypeInetProto, gnft.TypeInetService), DataType: dest},
 		{Table: table, Name: setName(setGuard, f), IsMap: true, Concatenation: true,
 			KeyType: gnft.MustConcatSetType(gnft.TypeInetProto, gnft.TypeInetService), DataType: gnft.TypeMark},
+		{Table: table, Name: setName(setGateHostIP, f), IsMap: true, Concatenation: true,
+			KeyType: gnft.MustConcatSetType(a, gnft.TypeInetProto, gnft.TypeInetService), DataType: gnft.TypeVerdict},
+		{Table: table, Name: setName(setGateAny, f), IsMap: true, Concatenation: true,
+			KeyType: gnft.MustConcatSetType(gnft.TypeInetProto, gnft.TypeInetService), DataType: gnft.TypeVerdict},
 		{Table: table, Name: setName(setSNAT, f), KeyType: a},
 		{Table: table, Name: setName(setMasqAll, f), KeyType: a},
 		// An interval set (pipapo) costs O(elements) per change (measured: a DEL that
@@ -157,6 +163,38 @@ func addrField(f hostport.Family, dst bool) (off, l uint32) {
 		return 16, 4
 	}
 	return 12, 4
+}
+
+// gateRules: `meta nfproto ipvX fib daddr type local [ip daddr .] meta l4proto . th dport
+// vmap @gate…X`, before the DNAT rules. A claim with conditions has, besides its NAT
+// element, a gate element with the same key that jumps to its conditions' chain, which
+// returns when they hold (the DNAT rules then forward it) and accepts otherwise (the packet
+// leaves this chain untranslated). Claims stay in the same maps whatever their conditions,
+// so the kernel keeps them unique across networks with different conditions too.
+func gateRules(f hostport.Family) [][]expr.Any {
+	off, l := addrField(f, true)
+	var out [][]expr.Any
+	for _, hostIP := range []bool{true, false} {
+		e := nfproto(f)
+		e = append(e,
+			&expr.Fib{Register: reg1, FlagDADDR: true, ResultADDRTYPE: true},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		)
+		r := uint32(reg32)
+		set := setName(setGateAny, f)
+		if hostIP {
+			e = append(e, &expr.Payload{DestRegister: r, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l})
+			r += l / 4
+			set = setName(setGateHostIP, f)
+		}
+		e = append(e,
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: r},
+			&expr.Payload{DestRegister: r + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Lookup{SourceRegister: reg32, DestRegister: 0 /* verdict */, IsDestRegSet: true, SetName: set},
+		)
+		out = append(out, e)
+	}
+	return out
 }
 
 // dnatRules: `meta nfproto ipvX fib daddr type local [ip daddr .] meta l4proto . th dport
@@ -239,7 +277,7 @@ func masqRules(f hostport.Family) [][]expr.Any {
 func layoutRules() map[string][][]expr.Any {
 	out := map[string][][]expr.Any{}
 	for _, f := range hostport.Families {
-		d := dnatRules(f)
+		d := append(gateRules(f), dnatRules(f)...)
 		out[chainPrerouting] = append(out[chainPrerouting], d...)
 		out[chainOutput] = append(out[chainOutput], d...)
 		out[chainPostrouting] = append(out[chainPostrouting], masqRules(f)...)

@@ -21,6 +21,9 @@ type Element struct {
 	// nft.MaxComment): match those with OwnedBy against the owners portguard recorded.
 	Owner   hostport.Owner
 	Comment string
+	// Gate is the conditions chain the claim's gate element jumps to ("" when the claim has
+	// no conditions); removing the claim removes the gate with it.
+	Gate string
 }
 
 // OwnedBy reports whether o owns the element (by name, or by hash for long owners).
@@ -30,6 +33,9 @@ func (e Element) String() string {
 	who := e.Owner.String()
 	if e.Owner.IsZero() {
 		who = e.Comment
+	}
+	if e.Gate != "" {
+		who += " if " + e.Gate
 	}
 	return fmt.Sprintf("%s -> %s (%s)", e.Claim, e.Dest, who)
 }
@@ -124,6 +130,14 @@ func pad4(b []byte) []byte {
 func protoPort(proto string, port int) []byte {
 	b := pad4([]byte{protoNum[proto]})
 	return append(b, pad4(binary.BigEndian.AppendUint16(nil, uint16(port)))...)
+}
+
+// gateSet is the verdict map holding the gate of a claim (same key as its NAT element).
+func gateSet(c hostport.Claim) string {
+	if c.AnyHostIP() {
+		return setName(setGateAny, c.Family)
+	}
+	return setName(setGateHostIP, c.Family)
 }
 
 // key returns the map and key of a claim's element.

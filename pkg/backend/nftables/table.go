@@ -86,6 +86,7 @@ func (t *Table) Begin() (*Tx, error) {
 	return &Tx{t: t, gen: g}, nil
 }
 
+// lookup reads a claim's element and, when there is one, its gate.
 func (t *Table) lookup(c hostport.Claim) (Element, bool, error) {
 	set, key := claimKey(c)
 	e, ok, err := t.nl.Elem(inet, TableName, set, key)
@@ -93,7 +94,17 @@ func (t *Table) lookup(c hostport.Claim) (Element, bool, error) {
 		return Element{}, ok, err
 	}
 	el, err := decodeElement(c.Family, !c.AnyHostIP(), e)
-	return el, err == nil, err
+	if err != nil {
+		return Element{}, false, err
+	}
+	g, ok, err := t.nl.Elem(inet, TableName, gateSet(c), key)
+	if err != nil {
+		return Element{}, false, err
+	}
+	if ok {
+		el.Gate = g.Jump
+	}
+	return el, true, nil
 }
 
 // guard reads a port's guard value; ok is false when the port has no claim.
@@ -193,13 +204,21 @@ func (tx *Tx) Masq(pods ...netip.Addr) ([]MasqElement, error) {
 }
 
 func (t *Table) elements(f hostport.Family, hostIP bool) ([]Element, error) {
-	set := setName(setAny, f)
+	set, gate := setName(setAny, f), setName(setGateAny, f)
 	if hostIP {
-		set = setName(setHostIP, f)
+		set, gate = setName(setHostIP, f), setName(setGateHostIP, f)
 	}
 	es, err := t.nl.Elems(inet, TableName, set)
 	if err != nil {
 		return nil, err
+	}
+	gs, err := t.nl.Elems(inet, TableName, gate)
+	if err != nil {
+		return nil, err
+	}
+	gates := make(map[string]string, len(gs))
+	for _, g := range gs {
+		gates[string(g.Key)] = g.Jump
 	}
 	out := make([]Element, 0, len(es))
 	for _, e := range es {
@@ -207,6 +226,7 @@ func (t *Table) elements(f hostport.Family, hostIP bool) ([]Element, error) {
 		if err != nil {
 			return nil, err
 		}
+		d.Gate = gates[string(e.Key)]
 		out = append(out, d)
 	}
 	return out, nil

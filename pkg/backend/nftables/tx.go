@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
@@ -17,12 +18,14 @@ type Mapping struct {
 	Dest  netip.AddrPort
 }
 
-// Attachment is what AddAttachment creates for one owner: its mappings (both families) and,
-// with snat, the masquerade of its pod addresses.
+// Attachment is what AddAttachment creates for one owner: its mappings (both families),
+// with snat the masquerade of its pod addresses, and per family the chain of its
+// conditions (from EnsureConditions; none: every packet to a claimed port is forwarded).
 type Attachment struct {
-	Owner    hostport.Owner
-	Mappings []Mapping
-	SNAT     []SNAT
+	Owner      hostport.Owner
+	Mappings   []Mapping
+	SNAT       []SNAT
+	Conditions map[hostport.Family]string
 }
 
 // RemoveClaims deletes observed elements (from Claims or Dump) in this transaction. The
@@ -53,6 +56,11 @@ func (tx *Tx) AddAttachment(a Attachment) error {
 			return fmt.Errorf("mapping %s -> %s: addresses of another family", m.Claim, m.Dest)
 		}
 	}
+	for f, ch := range a.Conditions {
+		if ch != "" && !strings.HasPrefix(ch, condChainPrefix) {
+			return fmt.Errorf("conditions of %s: %q is not a conditions chain", f, ch)
+		}
+	}
 	for _, s := range a.SNAT {
 		if !s.Pod.IsValid() {
 			return fmt.Errorf("snat: pod address %v invalid", s.Pod)
@@ -66,7 +74,7 @@ func (tx *Tx) AddAttachment(a Attachment) error {
 			cl.HostIP = cl.HostIP.Unmap()
 		}
 		d := netip.AddrPortFrom(m.Dest.Addr().Unmap(), m.Dest.Port())
-		tx.addNAT = append(tx.addNAT, Element{Claim: cl, Dest: d, Owner: a.Owner, Comment: c})
+		tx.addNAT = append(tx.addNAT, Element{Claim: cl, Dest: d, Owner: a.Owner, Comment: c, Gate: a.Conditions[cl.Family]})
 	}
 	for _, s := range a.SNAT {
 		p := netip.PrefixFrom(s.Pod.Addr().Unmap(), s.Pod.Bits())
@@ -269,6 +277,39 @@ func (tx *Tx) Commit() error {
 	for _, s := range order {
 		ops = append(ops, nft.DeleteElems(inet, TableName, s, del[s]...)...)
 	}
+	gates := func(es []Element, add bool) ([]nft.Op, error) {
+		m := map[string][]nft.Elem{}
+		var order []string
+		for _, e := range es {
+			if e.Gate == "" {
+				continue
+			}
+			set := gateSet(e.Claim)
+			if m[set] == nil {
+				order = append(order, set)
+			}
+			_, k := claimKey(e.Claim)
+			m[set] = append(m[set], nft.Elem{Key: k, Jump: e.Gate, Comment: e.Comment})
+		}
+		var ops []nft.Op
+		for _, s := range order {
+			if !add {
+				ops = append(ops, nft.DeleteElems(inet, TableName, s, m[s]...)...)
+				continue
+			}
+			op, err := nft.AddElems(inet, TableName, s, true, m[s]...)
+			if err != nil {
+				return nil, err
+			}
+			ops = append(ops, op...)
+		}
+		return ops, nil
+	}
+	gdel, err := gates(tx.delNAT, false)
+	if err != nil {
+		return err
+	}
+	ops = append(ops, gdel...)
 	mdel, morder := masqBySet(tx.delMasq)
 	for _, s := range morder {
 		ops = append(ops, nft.DeleteElems(inet, TableName, s, mdel[s]...)...)
@@ -286,6 +327,11 @@ func (tx *Tx) Commit() error {
 		}
 		ops = append(ops, op...)
 	}
+	gadd, err := gates(tx.addNAT, true)
+	if err != nil {
+		return err
+	}
+	ops = append(ops, gadd...)
 	madd, morder := masqBySet(tx.addMasq)
 	for _, s := range morder {
 		op, err := nft.AddElems(inet, TableName, s, true, madd[s]...)
