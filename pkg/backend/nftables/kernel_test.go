@@ -729,6 +729,21 @@ table inet kube-proxy-test {
 	k.expect("tcp", k.NodeIP6, 8080, "B")
 	k.expect("tcp", k.NodeIP4, 9090, "A")
 	k.expect("tcp", k.NodeIP6, 9090, "A")
+	// CHECK's view: the foreign chain runs first; portguard's own chains are not listed.
+	ch, err := k.tab.EarlierNAT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, c := range ch {
+		found = found || (c.Table == "kube-proxy-test" && c.Chain == "nat-prerouting" && c.Hook == "prerouting" && c.Priority == -100 && len(c.Families) == 2)
+		if c.Table == TableName {
+			t.Errorf("own chain listed: %v", c)
+		}
+	}
+	if !found {
+		t.Errorf("EarlierNAT: %v, want kube-proxy-test's nat-prerouting", ch)
+	}
 }
 
 // TestKernelConditionsPerAttachment: conditions hold per attachment (upstream makes the last
