@@ -13,18 +13,20 @@
 //
 //	t, _ := Open()                 // once per call; keep it open until the end
 //	t.Ensure()                     // ADD: create or repair the layout (no-op when in place)
+//	ch4, _ := t.EnsureConditions(c4) // conditionsV4/V6 parsed by pkg/nftcond ("" for none)
 //	tx, _ := t.Begin()             // reads from here on are checked at Commit
 //	es, _ := tx.Claims(claims...)  // point lookups: every element conflicting with a claim
 //	ms, _ := tx.Masq(podIPs...)    // this attachment's (or a loser's) masquerade entries
 //	up, _ := tx.Upstream()         // upstream cni_hostport rules (takeover, DEL leftovers)
 //	// the engine judges the owners of es/up (pkg/liveness), refuses or goes on:
 //	tx.RemoveClaims(losers...); tx.RemoveMasq(...); tx.RemoveUpstream(...)
-//	tx.AddAttachment(Attachment{Owner, Mappings, SNAT})
+//	tx.AddAttachment(Attachment{Owner, Mappings, SNAT, Conditions: {V4: ch4, V6: ch6}})
 //	err := tx.Commit()             // one batch, both families; ErrClaimed / ErrChanged / ErrGone
 //
 // ErrChanged means another writer committed after Begin: observe again and re-plan.
-// DEL is the same without AddAttachment; CHECK is Verify plus Claims compared with the
-// mappings; audit and GC read Dump. A Table is not safe for concurrent use.
+// DEL is the same without AddAttachment; CHECK is Verify, Claims compared with the
+// mappings, and EarlierNAT/Upstream for what could shadow them; audit and GC read Dump.
+// A Table is not safe for concurrent use.
 package nftables
 
 import (

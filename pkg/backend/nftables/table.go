@@ -137,9 +137,9 @@ func (tx *Tx) Claims(claims ...hostport.Claim) ([]Element, error) {
 	}
 	var dumped map[hostport.Family][]Element
 	for _, c := range claims {
-		any := c
-		any.HostIP = netip.Addr{}
-		probe := []hostport.Claim{any}
+		wild := c
+		wild.HostIP = netip.Addr{}
+		probe := []hostport.Claim{wild}
 		if !c.AnyHostIP() {
 			probe = append(probe, c)
 		}
