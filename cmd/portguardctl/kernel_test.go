@@ -4,12 +4,15 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/lock"
 	"github.com/portguard/portguard/pkg/plan"
 )
 
@@ -305,10 +308,10 @@ func TestBlogPostStateReachesLivePod(t *testing.T) {
 	}
 }
 
-// TestRepairDefaultKeepsTheWinner: without --keep, repair does not move traffic: the claim
-// that wins today stays.
-// Upstream appends each new jump, so the last claim on a port is the last added: the
-// live pod's, in the blog post's story.
+// TestRepairDefaultKeepsTheLastAdded: without --keep, repair keeps the last claim on a
+// port (the last jump in CNI-HOSTPORT-DNAT), so traffic moves off the claim that wins
+// today. Upstream appends each new jump, so the last claim on a port is the last added:
+// the live pod's, in the blog post's story.
 func TestRepairDefaultKeepsTheLastAdded(t *testing.T) {
 	needRoot(t)
 	ns := newNS(t)
@@ -396,5 +399,62 @@ func checkExposition(t *testing.T, text string) {
 		default:
 			t.Errorf("bad exposition line %q", l)
 		}
+	}
+}
+
+// TestKilledRepairKeepsTheLockUntilItsPayloadLands: repair's iptables-restore inherits the
+// host-wide lock, so a repair SIGKILLed while its payload is pending keeps the lock held
+// until the payload has landed: no plugin call can read the half-written moment.
+func TestKilledRepairKeepsTheLockUntilItsPayloadLands(t *testing.T) {
+	needRoot(t)
+	ns := newNS(t)
+	u := newUpstream(t, ns, hostport.V4)
+	u.attach(stale, 8080, 8080, "10.88.0.0/24", "10.88.0.2", 80)
+	u.attach(live, 8080, 8080, "10.88.0.0/24", "10.88.0.3", 80)
+
+	// An iptables-restore that says when it starts, waits, runs the real one and says so.
+	dir := t.TempDir()
+	real, err := exec.LookPath("iptables-restore")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark := filepath.Join(dir, "mark")
+	script := fmt.Sprintf("#!/bin/sh\necho s >>%s\nsleep 2\n'%s' \"$@\"\nrc=$?\necho d >>%s\nexit $rc\n", mark, real, mark)
+	if err := os.WriteFile(filepath.Join(dir, "iptables-restore"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	lockFile := filepath.Join(dir, "portguard.lock")
+	cmd := exec.Command("ip", "netns", "exec", ns, ctlBin, "repair", "--family", "4")
+	cmd.Env = append(os.Environ(), "PORTGUARD_LOCK_FILE="+lockFile, "PATH="+dir+":"+os.Getenv("PATH"))
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	marks := func() string { b, _ := os.ReadFile(mark); return string(b) }
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(marks(), "s") {
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatal("repair started no iptables-restore")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	cmd.Process.Kill() // portguardctl only; its iptables-restore goes on
+	cmd.Wait()
+
+	if l, err := lock.Acquire(lockFile, lock.Exclusive, 300*time.Millisecond); err == nil {
+		l.Release()
+		t.Fatalf("the lock was free while the killed repair's payload was pending (marks %q)", marks())
+	}
+	l, err := lock.Acquire(lockFile, lock.Exclusive, 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	if !strings.Contains(marks(), "d") {
+		t.Fatalf("the lock came free before the payload landed (marks %q)", marks())
+	}
+	if save := saveNat(t, ns, hostport.V4); strings.Contains(save, hostport.ChainName(stale)) {
+		t.Fatalf("the payload did not land:\n%s", save)
 	}
 }

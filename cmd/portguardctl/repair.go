@@ -19,11 +19,14 @@ const repairHelp = `Usage: portguardctl repair [--dry-run] [--keep NETWORK/CONTA
 
 Fixes what "portguardctl audit" reports, with one iptables-restore --noflush per family,
 under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, default /run/portguard.lock):
-  - a contested host port keeps ONE claim: by default the one that wins today (the first
-    in CNI-HOSTPORT-DNAT — on a portguard node the newest, since portguard inserts new
-    jumps at the top), or the one of the owner named by --keep. The other claims lose their
-    conflicting DNAT and mark rules and jump ports (their whole chain when nothing else is
-    left), exactly like the plugin's takeover on ADD. Traffic never moves unless you --keep;
+  - a contested host port keeps ONE claim: the one of the owner named by --keep, otherwise
+    the last added one, taken to be the LAST jump in CNI-HOSTPORT-DNAT (upstream portmap
+    appends each new pod's jump, so there the first claim, the one traffic reaches today,
+    is the stale one and the last is the live pod's). By default traffic therefore MOVES
+    to the last claim. Under conflictPolicy allow portguard puts the newest jump first:
+    name the claim to keep there. The other claims lose their conflicting DNAT and mark
+    rules and jump ports (their whole chain when nothing else is left), exactly like the
+    plugin's takeover on ADD. Check with --dry-run which claim is kept;
   - jump ports without a DNAT rule and DNAT rules without a jump port are removed;
   - repeated jumps and orphan CNI-DN chains are deleted;
   - missing PREROUTING/OUTPUT entry jumps, and SETMARK/MASQ with the POSTROUTING jump when
@@ -72,7 +75,9 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	}
 	r := newRunner(*timeout)
 	if !*dry {
-		l, err := lock.Acquire(lock.Path(), lock.Exclusive, *timeout)
+		// Through the engine, so the iptables-restore child inherits the lock: a repair
+		// killed mid-payload keeps the lock held until the payload has landed.
+		l, err := engine.Hold(r, lock.Path(), lock.Exclusive, *timeout)
 		if err != nil {
 			return envError{err}
 		}

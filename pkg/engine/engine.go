@@ -6,8 +6,10 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -98,18 +100,31 @@ func (e *Engine) netlinkFor(f hostport.Family) bool {
 	return err1 == nil && err2 == nil && nft.Usable(f, list, restore)
 }
 
-// lock takes the host-wide lock and hands it to every iptables child, so that a child
-// outliving a killed plugin keeps it until its payload has landed.
+// lock takes the host-wide lock for the engine's runner (Hold); a lock not had in time is
+// CNI error 11, which a runtime may retry.
 func (e *Engine) lock(mode ...lock.Mode) (*lock.Lock, error) {
 	m := lock.Exclusive
 	if len(mode) > 0 {
 		m = mode[0]
 	}
-	l, err := lock.Acquire(e.LockPath, m, e.LockTimeout)
+	l, err := Hold(e.Runner, e.LockPath, m, e.LockTimeout)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
 	}
-	if x, ok := e.Runner.(*iptables.Exec); ok {
+	return l, nil
+}
+
+// Hold takes the host-wide lock at path in mode, waiting up to timeout (errors as
+// lock.Acquire), and hands it to every iptables child r starts (when r runs the real
+// binaries), so that a child outliving a killed caller keeps the lock until its payload
+// has landed. Every writer of the nat table (plugin verbs, portguardctl repair) takes the
+// lock through here.
+func Hold(r iptables.Runner, path string, mode lock.Mode, timeout time.Duration) (*lock.Lock, error) {
+	l, err := lock.Acquire(path, mode, timeout)
+	if err != nil {
+		return nil, err
+	}
+	if x, ok := r.(*iptables.Exec); ok {
 		x.Inherit = []*os.File{l.File()}
 	}
 	return l, nil
@@ -190,47 +205,53 @@ func podDesired(c *config.Config, owner hostport.Owner) []plan.Desired {
 // exclusive lock on each host port it claims, so the reads, plans and writes of two ADDs
 // on one port never interleave, and ADDs on other ports only meet in the few jumps of a
 // victim that held both ports, where the later payload fails whole and is planned again.
-// The one write that needs the node to itself, creating or restoring the shared layout,
-// is done under the exclusive lock, as are GC and repair.
+// The writes that need the node to themselves (creating or restoring the shared layout, a
+// jump rewritten at a position a concurrent writer would shift) are done under the
+// exclusive lock, as are GC and repair. An ADD that finds it needs the exclusive lock
+// upgrades to it and keeps its port locks meanwhile, also when it has already applied one
+// family: no other ADD of its ports sees half of it.
 func (e *Engine) Add(c *config.Config, owner hostport.Owner) (_ []plan.Takeover, err error) {
 	defer func() { err = cniError(err) }()
 	ds := podDesired(c, owner)
 	if len(ds) == 0 {
 		return nil, nil
 	}
-	t, err := e.add(ds, c.Policy, true)
-	if errors.Is(err, errNeedExclusive) {
-		t, err = e.add(ds, c.Policy, false)
-	}
-	return t, err
-}
-
-// errNeedExclusive: the plan must create shared layout, which only an exclusive holder may.
-var errNeedExclusive = errors.New("shared layout must be created under the exclusive lock")
-
-func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Takeover, error) {
-	mode := lock.Exclusive
-	if parallel {
-		mode = lock.Shared
-	}
-	l, err := e.lock(mode)
+	l, err := e.lock(lock.Shared)
 	if err != nil {
 		return nil, err
 	}
 	defer l.Release()
 	defer e.closeNetlink() // before the lock goes
-	if parallel {
-		if err := l.Ports(portKeys(ds), e.LockTimeout); err != nil {
-			return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
-		}
+	if err := l.Ports(portKeys(ds), e.LockTimeout); err != nil {
+		return nil, types.NewError(types.ErrTryAgainLater, err.Error(), "")
 	}
+	t, err := e.add(ds, c.Policy, true)
+	if !errors.Is(err, errNeedExclusive) {
+		return t, err
+	}
+	e.closeNetlink() // nothing of this call may still be at work in nf_tables meanwhile
+	if err := l.Upgrade(e.LockTimeout); err != nil {
+		return t, types.NewError(types.ErrTryAgainLater, err.Error(), "")
+	}
+	more, err := e.add(ds, c.Policy, false)
+	return append(t, more...), err
+}
+
+// errNeedExclusive: the plan must write what only an exclusive holder may (see Add).
+var errNeedExclusive = errors.New("the plan must be applied under the exclusive lock")
+
+// add plans every family, then applies them, with the lock Add holds: parallel says it is
+// the shared one (plus the ports), and then a plan that needs the exclusive lock ends the
+// call with errNeedExclusive (after the families already applied, whose takeovers are
+// returned).
+func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Takeover, error) {
 	var pending []addPlan
 	for _, d := range ds {
 		p, err := e.planAdd(d, policy)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", d.Family, err)
 		}
-		if parallel && p.res.SharedChanges {
+		if parallel && needsExclusive(p.res) {
 			return nil, errNeedExclusive
 		}
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
@@ -259,6 +280,9 @@ func (e *Engine) add(ds []plan.Desired, policy string, parallel bool) ([]plan.Ta
 	return all, nil
 }
 
+// needsExclusive tells a plan that only an exclusive holder may apply.
+func needsExclusive(r plan.Result) bool { return r.SharedChanges || r.Positioned }
+
 // portKeys numbers the host ports the attachment claims, one lock byte each: the family,
 // protocol and port; not the host IP, so overlapping claims always share a key.
 func portKeys(ds []plan.Desired) []int64 {
@@ -280,6 +304,9 @@ type addPlan struct {
 	d   plan.Desired
 	s   *state.State
 	res plan.Result
+	// taken holds the victims read in part (nft.TakenRules), by chain: the payload leaves
+	// their chains alone and RemoveTaken deletes the taken rules by handle after it.
+	taken map[string]nft.Taken
 }
 
 // planAdd is the hot path's read: CNI-HOSTPORT-DNAT only (plus the chains of claims that
@@ -301,8 +328,131 @@ func (e *Engine) planAdd(d plan.Desired, policy string) (addPlan, error) {
 		// make iptables-restore fetch all of CNI-HOSTPORT-DNAT again.
 		s.SharedShown, _ = e.sharedShown(d)
 	}
-	res, err := planWith(r, s, func(s *state.State) plan.Result { return plan.Add(s, d, policy) })
-	return addPlan{d: d, s: s, res: res}, err
+	p := addPlan{d: d, s: s, taken: map[string]nft.Taken{}}
+	tried := map[string]bool{}
+	p.res, err = planWith(r, s, func(s *state.State) plan.Result {
+		for {
+			res := plan.Add(s, d, policy)
+			if len(res.Need) == 0 || !e.readTaken(&p, res.Need, tried) {
+				return res
+			}
+		}
+	})
+	return p, err
+}
+
+// readTaken reads in part, over netlink, the big victims among the chains a plan needs:
+// only their rules for the ports d claims (nft.TakenRules). It reports whether it read
+// any; the others are left to a full read.
+func (e *Engine) readTaken(p *addPlan, need []string, tried map[string]bool) bool {
+	nl := e.conn(p.d.Family)
+	if nl == nil {
+		return false
+	}
+	read := false
+	for _, chain := range need {
+		a := p.s.Attachments[chain]
+		if tried[chain] || a == nil || len(a.Jumps) == 0 {
+			continue
+		}
+		tried[chain] = true
+		byProto := map[string][]int{}
+		for _, c := range p.d.Claims {
+			for _, j := range a.Jumps {
+				if j.Proto == c.Proto && j.HasPort(c.HostPort) && !slices.Contains(byProto[c.Proto], c.HostPort) {
+					byProto[c.Proto] = append(byProto[c.Proto], c.HostPort)
+				}
+			}
+		}
+		var all nft.Taken
+		ok := len(byProto) > 0
+		for proto, ports := range byProto {
+			t, found, err := nl.TakenRules(p.d.Family, chain, proto, ports)
+			if err != nil || !found {
+				ok = false
+				break
+			}
+			all.Rules = append(all.Rules, t.Rules...)
+			if all.Handles == nil {
+				all.Handles = map[string]uint64{}
+			}
+			maps.Copy(all.Handles, t.Handles)
+		}
+		if ok {
+			p.s.ReadPart(chain, all.Rules)
+			p.taken[chain] = all
+			read = true
+		}
+	}
+	return read
+}
+
+// splitTaken takes the operations on victims read in part out of tx, jumps into their
+// chains included (iptables-nft would fetch the whole chain for any line naming it), and
+// returns them as what nft.TakeFrom does after the payload: the ports to drop from each
+// victim's jumps and the handles of its rules to delete.
+func splitTaken(tx *iptables.Tx, taken map[string]nft.Taken) (*iptables.Tx, map[string]takeWork) {
+	if len(taken) == 0 || tx == nil {
+		return tx, nil
+	}
+	rest := &iptables.Tx{}
+	work := map[string]takeWork{}
+	type portSet map[string]map[int]bool
+	before, after := map[string]portSet{}, map[string]portSet{}
+	add := func(m map[string]portSet, chain string, r iptables.Rule) {
+		j := state.ParseJump(r)
+		if m[chain] == nil {
+			m[chain] = portSet{}
+		}
+		if m[chain][j.Proto] == nil {
+			m[chain][j.Proto] = map[int]bool{}
+		}
+		for _, p := range j.Ports {
+			m[chain][j.Proto][p] = true
+		}
+	}
+	for _, op := range tx.Ops {
+		r := iptables.Rule{Chain: op.Chain, Args: op.Args}
+		chain := op.Chain
+		if op.Chain == state.DNATChain {
+			chain = r.Target()
+		}
+		t, ok := taken[chain]
+		if !ok {
+			rest.Ops = append(rest.Ops, op)
+			continue
+		}
+		w := work[chain]
+		switch {
+		case op.Chain == state.DNATChain && op.Kind == iptables.Delete:
+			add(before, chain, r)
+		case op.Chain == state.DNATChain:
+			add(after, chain, r)
+		case op.Kind == iptables.Delete:
+			if h, ok := t.Handles[r.Spec()]; ok {
+				w.handles = append(w.handles, h)
+			}
+		}
+		work[chain] = w
+	}
+	for chain, w := range work {
+		w.drop = map[string][]int{}
+		for proto, ports := range before[chain] {
+			for p := range ports {
+				if !after[chain][proto][p] {
+					w.drop[proto] = append(w.drop[proto], p)
+				}
+			}
+		}
+		work[chain] = w
+	}
+	return rest, work
+}
+
+// takeWork is what nft.TakeFrom does to one victim read in part.
+type takeWork struct {
+	drop    map[string][]int
+	handles []uint64
 }
 
 // sharedShown asks the kernel over netlink whether d's shared layout is in place; false
@@ -328,10 +478,20 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 		if policy == config.PolicyReject && len(p.res.Conflicts) > 0 {
 			return done, rejectError(p.d, p.res.Conflicts)
 		}
-		if parallel && p.res.SharedChanges {
+		if parallel && needsExclusive(p.res) {
 			return done, errNeedExclusive
 		}
-		err := Apply(e.Runner, p.d.Family, p.res.Tx)
+		tx, taken := splitTaken(p.res.Tx, p.taken)
+		err := Apply(e.Runner, p.d.Family, tx)
+		if err == nil && len(taken) > 0 {
+			for chain, w := range taken {
+				if err = e.conn(p.d.Family).TakeFrom(p.d.Family, chain, w.drop, w.handles); err != nil {
+					// The new claim is in and wins; what is left of the victim is
+					// unreachable (audit reports it, repair removes it).
+					return done, fmt.Errorf("%s: %w", p.d.Family, err)
+				}
+			}
+		}
 		if err == nil {
 			for _, t := range p.res.Takeovers {
 				if e.OnTakeover != nil {
@@ -354,6 +514,7 @@ func (e *Engine) applyAdd(p addPlan, policy string, parallel bool) ([]plan.Takeo
 		if err != nil && (attempt == attempts || !errors.As(err, &re)) {
 			return done, fmt.Errorf("%s: %w", p.d.Family, err)
 		}
+		p.taken = nil // the replan reads whole chains
 		if p.s, err = state.Observe(e.Runner, p.d.Family, append([]string{state.DNATChain}, state.SharedChains...)...); err != nil {
 			return done, err
 		}
@@ -483,14 +644,20 @@ func (e *Engine) delFamily(owner hostport.Owner, f hostport.Family) error {
 }
 
 // Check validates the attachment in the families the pod has addresses in.
+//
+// On iptables-nft a CHECK that finds all in order starts no process: the rules of
+// CNI-HOSTPORT-DNAT that can matter (nft.Conn.Excerpt), the attachment's chain and the
+// shared layout are read over netlink, and the planner's -C assertions that this read
+// answers are dropped. What it does not answer (a rule not found as written, a shape the
+// decoder does not know, a shared layout not shown) is asserted by iptables-restore as
+// before, and the kernel decides.
 func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 	defer func() { err = cniError(err) }()
 	defer e.closeNetlink()
 	var problems []string
 	for _, d := range podDesired(c, owner) {
 		f := d.Family
-		r := e.reader(f)
-		s, err := state.Observe(r, f, state.DNATChain)
+		s, r, err := e.observeCheck(d)
 		if err != nil {
 			return err
 		}
@@ -499,17 +666,18 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 			return err
 		}
 		problems = append(problems, res.Problems...)
-		if res.Tx.Empty() {
+		tx := unanswered(res.Tx, s, d)
+		if tx.Empty() {
 			continue
 		}
 		// The assertions change nothing; the first one that fails names the problem.
-		if err := Apply(e.Runner, f, res.Tx); err != nil {
+		if err := Apply(e.Runner, f, tx); err != nil {
 			if errors.Is(err, iptables.ErrXtablesLock) {
 				return err
 			}
 			var re *iptables.RestoreError
-			if errors.As(err, &re) && res.Tx.Explain(re.Line) != "" {
-				problems = append(problems, res.Tx.Explain(re.Line))
+			if errors.As(err, &re) && tx.Explain(re.Line) != "" {
+				problems = append(problems, tx.Explain(re.Line))
 			} else {
 				problems = append(problems, fmt.Sprintf("%s: %v", f, err))
 			}
@@ -519,6 +687,72 @@ func (e *Engine) Check(c *config.Config, owner hostport.Owner) (err error) {
 		return fmt.Errorf("CHECK of %s failed: %s", owner, strings.Join(problems, "; "))
 	}
 	return nil
+}
+
+// observeCheck reads what CHECK of d decides on, and returns the runner for further
+// reads. Over netlink: the excerpt of CNI-HOSTPORT-DNAT (or, when some rule there has a
+// shape the decoder does not know, the whole chain through nft.Reader), the attachment's
+// chain when the decoder knows its rules, and whether the shared layout is shown.
+func (e *Engine) observeCheck(d plan.Desired) (*state.State, iptables.Runner, error) {
+	nl := e.conn(d.Family)
+	if nl == nil {
+		s, err := state.Observe(e.Runner, d.Family, state.DNATChain)
+		return s, e.Runner, err
+	}
+	r := &nft.Reader{Runner: e.Runner, Conn: nl, Attachments: true}
+	var s *state.State
+	if ex, exists, ok := nl.Excerpt(d.Family, state.DNATChain, d.Chain, d.Claims); ok {
+		t := iptables.NewTable()
+		if exists {
+			t.Add(state.DNATChain, ex.Rules...)
+		} else {
+			t.Missing[state.DNATChain] = true
+		}
+		s = state.NewExcerpt(d.Family, t, ex.Pos)
+	} else {
+		var err error
+		if s, err = state.Observe(r, d.Family, state.DNATChain); err != nil {
+			return nil, nil, err
+		}
+	}
+	if !s.DNATExists() {
+		return s, r, nil
+	}
+	// Not through the reader: a chain it cannot decode is left to -C, not to a second process.
+	if rules, exists, ok := nl.ReadChain(d.Family, d.Chain); ok {
+		if exists {
+			s.Table.Add(d.Chain, rules...)
+		} else {
+			s.Table.Missing[d.Chain] = true
+		}
+		s.Refresh()
+	}
+	s.SharedShown, _ = e.sharedShown(d)
+	return s, r, nil
+}
+
+// unanswered returns tx without the -C assertions the observation answers: a rule found,
+// equal in meaning, in a chain that was read, and a rule of the shared layout when the
+// kernel was shown to hold that layout (State.SharedShown).
+func unanswered(tx *iptables.Tx, s *state.State, d plan.Desired) *iptables.Tx {
+	if tx.Empty() {
+		return tx
+	}
+	shown := map[string]bool{}
+	if s.SharedShown {
+		for _, r := range state.Layout(d.SNAT && !d.ExternalMark, d.MarkBit) {
+			shown[state.Normalize(r)] = true
+		}
+	}
+	out := &iptables.Tx{}
+	for _, op := range tx.Ops {
+		r := iptables.Rule{Chain: op.Chain, Args: op.Args}
+		if op.Kind == iptables.Check && (shown[state.Normalize(r)] || s.Table.Has(op.Chain) && s.HasRule(r)) {
+			continue
+		}
+		out.Ops = append(out.Ops, op)
+	}
+	return out
 }
 
 // GC removes this network's attachments whose container IDs are not in valid, and the

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -493,4 +494,62 @@ func TestKernelCheckAfterAddWithConditions(t *testing.T) {
 	if err := e.Check(c, o); err != nil {
 		t.Fatalf("CHECK right after ADD: %v", err)
 	}
+}
+
+// Three ADDs that together take all of one victim, each a different jump of it (31 ports:
+// three multiport jumps), planned from the same table: one asserted kept rule per payload
+// is enough to leave no empty chain. The first lands; the two others find their asserted
+// rule gone and are planned again, the last as the chain's removal.
+func TestKernelThreePartialTakeoversLeaveNoEmptyChain(t *testing.T) {
+	ns := netns(t)
+	e, _ := newEngine(t, ns)
+	mappings := func(lo, hi int) string {
+		var ms []string
+		for p := lo; p <= hi; p++ {
+			ms = append(ms, fmt.Sprintf(`{"hostPort":%d,"containerPort":80,"protocol":"tcp"}`, p))
+		}
+		return strings.Join(ms, ",")
+	}
+	victim := hostport.Owner{Network: "knet", ContainerID: "victim"}
+	if _, err := e.Add(conf(t, "", mappings(1000, 1030), "10.99.0.5/16"), victim); err != nil {
+		t.Fatal(err)
+	}
+	var plans []addPlan
+	for i, r := range [][2]int{{1000, 1014}, {1015, 1029}, {1030, 1030}} {
+		o := hostport.Owner{Network: "knet", ContainerID: fmt.Sprintf("taker%d", i)}
+		p, err := e.planAdd(podDesired(conf(t, "", mappings(r[0], r[1]), fmt.Sprintf("10.99.0.%d/16", 10+i)), o)[0], config.PolicyTakeover)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(renderTx(t, p.res.Tx), "-C "+hostport.ChainName(victim)); r[0] != 1030 && n != 1 {
+			t.Fatalf("taker %d asserts %d rules of the victim, want 1", i, n)
+		}
+		plans = append(plans, p)
+	}
+	if err := Apply(e.Runner, hostport.V4, plans[0].res.Tx); err != nil {
+		t.Fatal(err)
+	}
+	var re *iptables.RestoreError
+	for i, p := range plans[1:] {
+		if err := Apply(e.Runner, hostport.V4, p.res.Tx); !errors.As(err, &re) {
+			t.Fatalf("taker %d applied on a stale plan: %v", i+1, err)
+		}
+	}
+	for i, p := range plans[1:] {
+		if _, err := e.applyAdd(p, config.PolicyTakeover, true); err != nil {
+			t.Fatalf("taker %d planned again: %v", i+1, err)
+		}
+	}
+	if out := inNS(t, ns, "iptables", "-t", "nat", "-S"); strings.Contains(out, hostport.ChainName(victim)) {
+		t.Fatalf("the victim's chain survived three takeovers that took all of it:\n%s", out)
+	}
+}
+
+func renderTx(t *testing.T, tx *iptables.Tx) string {
+	t.Helper()
+	s, err := tx.Render()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
 }

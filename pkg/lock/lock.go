@@ -77,13 +77,7 @@ func Acquire(path string, mode Mode, timeout time.Duration) (*Lock, error) {
 		how = syscall.LOCK_SH
 		ofdLock(f, 0, unix.F_UNLCK)
 	}
-	err = poll(deadline, func() error {
-		err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
-		if errors.Is(err, syscall.EWOULDBLOCK) {
-			return errBusy
-		}
-		return err
-	})
+	err = poll(deadline, func() error { return flockNB(f, how) })
 	if err != nil {
 		return fail(err)
 	}
@@ -152,7 +146,16 @@ func (l *Lock) Ports(keys []int64, timeout time.Duration) error {
 		if i > 0 && k == keys[i-1] {
 			continue
 		}
-		if err := poll(deadline, func() error { return ofdLock(l.f, 1+k, unix.F_WRLCK) }); err != nil {
+		try := func() error {
+			err := ofdLock(l.f, 1+k, unix.F_WRLCK)
+			if errors.Is(err, errBusy) {
+				if yerr := l.yield(deadline); yerr != nil {
+					return yerr
+				}
+			}
+			return err
+		}
+		if err := poll(deadline, try); err != nil {
 			if errors.Is(err, errBusy) {
 				return fmt.Errorf("%w %s after %s (another portguard call is changing the same host port)", ErrTimeout, l.path, timeout)
 			}
@@ -160,6 +163,56 @@ func (l *Lock) Ports(keys []int64, timeout time.Duration) error {
 		}
 	}
 	return nil
+}
+
+// yield lets an exclusive caller waiting at the turnstile go first while this shared
+// holder waits for a port: the port's holder may be upgrading (Upgrade) and waits for every
+// shared holder to leave, so waiting for the port with the share held would deadlock
+// until the timeout. Nothing was read yet, so giving the share up costs nothing; the ports
+// already taken stay held.
+func (l *Lock) yield(deadline time.Time) error {
+	fl := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: 0, Len: 1}
+	if err := unix.FcntlFlock(l.f.Fd(), unix.F_OFD_GETLK, &fl); err != nil || fl.Type == unix.F_UNLCK {
+		return nil
+	}
+	syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN)
+	if err := poll(deadline, func() error { return ofdLock(l.f, 0, unix.F_WRLCK) }); err != nil {
+		return err
+	}
+	ofdLock(l.f, 0, unix.F_UNLCK)
+	return poll(deadline, func() error { return flockNB(l.f, syscall.LOCK_SH) })
+}
+
+// Upgrade turns a shared hold into an exclusive one and keeps its port locks, waiting up
+// to timeout (ErrTimeout). It is not atomic: other exclusive callers may run in between,
+// but no ADD of a port this holder locked can, so another ADD never sees, and takes over,
+// half of what this one applied before it needed the whole node. On error the lock holds
+// nothing but its ports; Release it.
+func (l *Lock) Upgrade(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	// Give the share up first: an exclusive caller already at the turnstile waits for it.
+	syscall.Flock(int(l.f.Fd()), syscall.LOCK_UN)
+	err := poll(deadline, func() error { return ofdLock(l.f, 0, unix.F_WRLCK) })
+	if err == nil {
+		err = poll(deadline, func() error { return flockNB(l.f, syscall.LOCK_EX) })
+		ofdLock(l.f, 0, unix.F_UNLCK)
+	}
+	if errors.Is(err, errBusy) {
+		return fmt.Errorf("%w %s after %s (another portguard call holds it)", ErrTimeout, l.path, timeout)
+	}
+	if err != nil {
+		return fmt.Errorf("lock %s: %w", l.path, err)
+	}
+	return nil
+}
+
+// flockNB tries flock(2) without blocking; errBusy when another holder is in the way.
+func flockNB(f *os.File, how int) error {
+	err := syscall.Flock(int(f.Fd()), how|syscall.LOCK_NB)
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return errBusy
+	}
+	return err
 }
 
 // File is the locked file. A child process that inherits it keeps the lock held after

@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/portguard/portguard/pkg/hostport"
 )
 
 // enc builds a run of attributes the way the kernel sends them.
@@ -62,10 +64,10 @@ func TestJumpArgs(t *testing.T) {
 	if r.Jump() != "CNI-DN-x" {
 		t.Fatalf("Jump() = %q", r.Jump())
 	}
-	args, ok := jumpArgs(r)
+	args, ok := ruleArgs(hostport.V4, r)
 	want := `-p tcp -m comment --comment dnat name: "n" id: "c" -m multiport --dports 80,8000:8010,9000 -j CNI-DN-x`
 	if !ok || strings.Join(args, " ") != want {
-		t.Fatalf("jumpArgs = %q, %v; want %q", strings.Join(args, " "), ok, want)
+		t.Fatalf("ruleArgs = %q, %v; want %q", strings.Join(args, " "), ok, want)
 	}
 	for name, r := range map[string]Rule{
 		"inverted ports":      jumpRule("c", multiportInfo(1, 1, []uint16{80}, nil, 1)),
@@ -76,13 +78,13 @@ func TestJumpArgs(t *testing.T) {
 		"control in comment":  jumpRule("a\x1b", multiportInfo(1, 1, []uint16{80}, nil, 0)),
 		"truncated multiport": jumpRule("c", []byte{1, 1, 80, 0}),
 	} {
-		if args, ok := jumpArgs(r); ok {
+		if args, ok := ruleArgs(hostport.V4, r); ok {
 			t.Errorf("%s: accepted as %q", name, args)
 		}
 	}
 	other := jumpRule("c", multiportInfo(1, 1, []uint16{80}, nil, 0))
 	other.Exprs = append(other.Exprs[:1:1], append([]Expr{{"payload", enc()}}, other.Exprs[1:]...)...)
-	if args, ok := jumpArgs(other); ok {
+	if args, ok := ruleArgs(hostport.V4, other); ok {
 		t.Errorf("a rule with a payload match accepted as %q", args)
 	}
 }

@@ -141,9 +141,13 @@ func (c *Conn) recv() ([]reply, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nf_tables netlink: %w", err)
 	}
-	var out []reply
 	// One copy per datagram; the messages' payloads are slices of it.
-	b := append([]byte(nil), c.buf[:n]...)
+	return split(append([]byte(nil), c.buf[:n]...))
+}
+
+// split splits a datagram into messages; their payloads are slices of b.
+func split(b []byte) ([]reply, error) {
+	var out []reply
 	for len(b) >= unix.NLMSG_HDRLEN {
 		l := int(binary.NativeEndian.Uint32(b[0:]))
 		if l < unix.NLMSG_HDRLEN || l > len(b) {

@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -48,25 +49,6 @@ func attrs(b []byte) (attrList, error) {
 		r = r[align(n):]
 	}
 	return attrList(b), nil
-}
-
-// list returns the payloads of a nested list's NFTA_LIST_ELEM entries, in order.
-func list(b []byte) ([][]byte, error) {
-	var out [][]byte
-	for len(b) >= 4 {
-		l := int(binary.NativeEndian.Uint16(b[0:]))
-		if l < 4 || l > len(b) {
-			return nil, errors.New("nf_tables netlink: malformed list")
-		}
-		if binary.NativeEndian.Uint16(b[2:])&nlaTypeMask == unix.NFTA_LIST_ELEM {
-			out = append(out, b[4:l])
-		}
-		if align(l) >= len(b) {
-			break
-		}
-		b = b[align(l):]
-	}
-	return out, nil
 }
 
 func cstr(b []byte) string {
@@ -134,34 +116,81 @@ type Rule struct {
 }
 
 func parseRule(b []byte) (Rule, error) {
+	var r Rule
+	err := parseRuleInto(b, &r)
+	return r, err
+}
+
+// parseRuleInto parses into r, reusing r.Exprs' storage: a dump decoded rule by rule
+// allocates nothing. r points into b.
+func parseRuleInto(b []byte, r *Rule) error {
 	a, err := attrs(b)
 	if err != nil {
-		return Rule{}, err
+		return err
 	}
-	r := Rule{Chain: cstr(a.get(unix.NFTA_RULE_CHAIN)), Userdata: a.get(unix.NFTA_RULE_USERDATA)}
+	chain := a.get(unix.NFTA_RULE_CHAIN)
+	if i := bytes.IndexByte(chain, 0); i >= 0 {
+		chain = chain[:i]
+	}
+	name := r.Chain
+	if string(chain) != name {
+		name = string(chain) // a dump's rules share their chain's name: one allocation
+	}
+	*r = Rule{Chain: name, Userdata: a.get(unix.NFTA_RULE_USERDATA), Exprs: r.Exprs[:0]}
 	if v := a.get(unix.NFTA_RULE_HANDLE); len(v) == 8 {
 		r.Handle = binary.BigEndian.Uint64(v)
 	}
-	elems, err := list(a.get(unix.NFTA_RULE_EXPRESSIONS))
-	if err != nil {
-		return Rule{}, err
-	}
-	r.Exprs = make([]Expr, 0, len(elems))
-	for _, e := range elems {
-		ea, err := attrs(e)
-		if err != nil {
-			return Rule{}, err
+	for l := a.get(unix.NFTA_RULE_EXPRESSIONS); len(l) >= 4; {
+		n := int(binary.NativeEndian.Uint16(l[0:]))
+		if n < 4 || n > len(l) {
+			return errors.New("nf_tables netlink: malformed list")
 		}
-		x := Expr{Name: cstr(ea.get(unix.NFTA_EXPR_NAME))}
-		if x.Attrs, err = attrs(ea.get(unix.NFTA_EXPR_DATA)); err != nil {
-			return Rule{}, err
+		if binary.NativeEndian.Uint16(l[2:])&nlaTypeMask == unix.NFTA_LIST_ELEM {
+			ea, err := attrs(l[4:n])
+			if err != nil {
+				return err
+			}
+			x := Expr{Name: exprName(ea.get(unix.NFTA_EXPR_NAME))}
+			if x.Attrs, err = attrs(ea.get(unix.NFTA_EXPR_DATA)); err != nil {
+				return err
+			}
+			r.Exprs = append(r.Exprs, x)
 		}
-		r.Exprs = append(r.Exprs, x)
+		if align(n) >= len(l) {
+			break
+		}
+		l = l[align(n):]
 	}
 	if r.Handle == 0 {
-		return Rule{}, errors.New("nf_tables netlink: rule without handle")
+		return errors.New("nf_tables netlink: rule without handle")
 	}
-	return r, nil
+	return nil
+}
+
+// exprName is cstr without allocating for the expressions iptables-nft uses.
+func exprName(b []byte) string {
+	if i := bytes.IndexByte(b, 0); i >= 0 {
+		b = b[:i]
+	}
+	switch string(b) {
+	case "counter":
+		return "counter"
+	case "meta":
+		return "meta"
+	case "cmp":
+		return "cmp"
+	case "payload":
+		return "payload"
+	case "bitwise":
+		return "bitwise"
+	case "match":
+		return "match"
+	case "target":
+		return "target"
+	case "immediate":
+		return "immediate"
+	}
+	return string(b)
 }
 
 // Rules reads every rule of one chain of table nat, in order; ok is false when the chain

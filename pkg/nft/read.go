@@ -1,9 +1,7 @@
 package nft
 
 import (
-	"bytes"
 	"encoding/binary"
-	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -16,17 +14,19 @@ import (
 // Reader reads CNI-HOSTPORT-DNAT over netlink into the table as the rules
 // `iptables -t nat -S CNI-HOSTPORT-DNAT` would print, so the model (pkg/state) interprets
 // them exactly as it interprets iptables' output; that saves the iptables process and its
-// translation of every rule. A rule of any shape other than the jumps portmap and
-// portguard write (protocol, comment, multiport, jump) makes it decline, and the wrapped
-// runner reads the chain instead. Every other chain is read by the wrapped runner.
+// translation of every rule. With Attachments it reads the per-attachment chains
+// (CNI-DN-...) the same way. A rule of any shape the decoder does not know (see
+// decode.go) makes it decline, and the wrapped runner reads the chain instead. Every
+// other chain is read by the wrapped runner.
 type Reader struct {
 	iptables.Runner
-	Conn *Conn
+	Conn        *Conn
+	Attachments bool
 }
 
 func (r *Reader) List(f hostport.Family, chain string, t *iptables.Table) error {
-	if chain == state.DNATChain {
-		if rules, exists, ok := r.Conn.jumps(f, chain); ok {
+	if chain == state.DNATChain || r.Attachments && strings.HasPrefix(chain, hostport.ChainPrefix) {
+		if rules, exists, ok := r.Conn.ReadChain(f, chain); ok {
 			if !exists {
 				t.Missing[chain] = true
 			} else {
@@ -36,119 +36,6 @@ func (r *Reader) List(f hostport.Family, chain string, t *iptables.Table) error 
 		}
 	}
 	return r.Runner.List(f, chain, t)
-}
-
-// jumps reads a chain of jump rules as `iptables -S` shows them; ok is false when any
-// rule has another shape or the read fails.
-func (c *Conn) jumps(f hostport.Family, chain string) (rules []iptables.Rule, exists, ok bool) {
-	nrs, exists, err := c.Rules(f, chain)
-	if err != nil {
-		return nil, false, false
-	}
-	rules = make([]iptables.Rule, 0, len(nrs))
-	for _, r := range nrs {
-		args, ok := jumpArgs(r)
-		if !ok {
-			return nil, false, false
-		}
-		rules = append(rules, iptables.Rule{Chain: chain, Args: args})
-	}
-	return rules, exists, true
-}
-
-var protoNames = map[byte]string{unix.IPPROTO_TCP: "tcp", unix.IPPROTO_UDP: "udp", unix.IPPROTO_SCTP: "sctp"}
-
-// jumpArgs turns [meta l4proto, cmp ==] [comment] [multiport] [counter] jump, the
-// shape iptables-nft gives `-p P -m comment --comment C -m multiport --dports L -j X`,
-// back into those arguments.
-func jumpArgs(r Rule) ([]string, bool) {
-	if r.Userdata != nil {
-		return nil, false // a comment kept as userdata: iptables -S shows it, we would not
-	}
-	args := make([]string, 0, 12)
-	proto := ""
-	for i := 0; i < len(r.Exprs); i++ {
-		x := r.Exprs[i]
-		switch x.Name {
-		case "counter":
-		case "meta":
-			// meta load l4proto => reg 1, then cmp eq reg 1 <proto>
-			if proto != "" || len(args) > 0 || i+1 >= len(r.Exprs) || !u32Is(x.Attrs.get(unix.NFTA_META_KEY), unix.NFT_META_L4PROTO) {
-				return nil, false
-			}
-			dreg := x.Attrs.get(unix.NFTA_META_DREG)
-			cmp := r.Exprs[i+1]
-			if cmp.Name != "cmp" || !bytes.Equal(cmp.Attrs.get(unix.NFTA_CMP_SREG), dreg) || !u32Is(cmp.Attrs.get(unix.NFTA_CMP_OP), unix.NFT_CMP_EQ) {
-				return nil, false
-			}
-			v, err := attrs(cmp.Attrs.get(unix.NFTA_CMP_DATA))
-			if err != nil || len(v.get(unix.NFTA_DATA_VALUE)) != 1 {
-				return nil, false
-			}
-			if proto = protoNames[v.get(unix.NFTA_DATA_VALUE)[0]]; proto == "" {
-				return nil, false
-			}
-			args = append(args, "-p", proto)
-			i++
-		case "match":
-			info := x.Attrs.get(unix.NFTA_MATCH_INFO)
-			switch name := cstr(x.Attrs.get(unix.NFTA_MATCH_NAME)); {
-			case name == "comment" && u32Is(x.Attrs.get(unix.NFTA_MATCH_REV), 0) && len(info) >= 256:
-				s := cstr(info[:256])
-				if !printable(s) {
-					return nil, false
-				}
-				args = append(args, "-m", "comment", "--comment", s)
-			case name == "multiport" && u32Is(x.Attrs.get(unix.NFTA_MATCH_REV), 1) && proto != "":
-				l, ok := multiport(info)
-				if !ok {
-					return nil, false
-				}
-				args = append(args, "-m", "multiport", "--dports", l)
-			default:
-				return nil, false
-			}
-		case "immediate":
-			j := r.Jump()
-			if i != len(r.Exprs)-1 || j == "" || !printable(j) || strings.ContainsAny(j, " \"\\") {
-				return nil, false
-			}
-			args = append(args, "-j", j)
-		default:
-			return nil, false
-		}
-	}
-	if len(args) < 2 || args[len(args)-2] != "-j" {
-		return nil, false
-	}
-	return args, true
-}
-
-// multiport renders struct xt_multiport_v1 {u8 flags, count; u16 ports[15]; u8 pflags[15],
-// invert} (host byte order) as iptables does; only destination ports, not inverted.
-func multiport(info []byte) (string, bool) {
-	const n = 15
-	if len(info) < 2+2*n+n+1 {
-		return "", false
-	}
-	flags, count := info[0], int(info[1])
-	pflags, invert := info[2+2*n:2+3*n], info[2+3*n]
-	if flags != 1 || invert != 0 || count == 0 || count > n {
-		return "", false
-	}
-	var parts []string
-	for i := 0; i < count; i++ {
-		p := strconv.Itoa(int(binary.NativeEndian.Uint16(info[2+2*i:])))
-		if pflags[i] != 0 {
-			if i+1 >= count {
-				return "", false
-			}
-			i++
-			p += ":" + strconv.Itoa(int(binary.NativeEndian.Uint16(info[2+2*i:])))
-		}
-		parts = append(parts, p)
-	}
-	return strings.Join(parts, ","), true
 }
 
 func u32Is(b []byte, v uint32) bool { return len(b) == 4 && binary.BigEndian.Uint32(b) == v }

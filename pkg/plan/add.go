@@ -52,6 +52,11 @@ type Result struct {
 	// SharedChanges says Tx creates or restores shared layout (CNI-HOSTPORT-DNAT, entry
 	// jumps, SETMARK/MASQ) instead of only asserting it.
 	SharedChanges bool
+	// Positioned says Tx inserts a rule at a rule number computed from the read, and
+	// where exactly it lands matters (a victim's rewritten jump that another claim on one
+	// of its ports follows): a concurrent writer (a parallel ADD inserting its jumps at
+	// the top, a DEL) would shift it, so only an exclusive holder may apply Tx.
+	Positioned bool
 }
 
 // victim is another attachment that loses some or all of its mappings.
@@ -61,6 +66,7 @@ type victim struct {
 	kept      []state.Mapping // mappings the victim keeps (partial takeover)
 	keep      map[string]bool // "proto/port" still served by a remaining mapping
 	removeAll bool
+	partial   bool // only the contested ports' rules were read (state.Attachment.Partial)
 }
 
 // Add plans installing d, taking over conflicting claims of other owners unless the
@@ -98,7 +104,9 @@ func Add(s *state.State, d Desired, policy string) Result {
 	res.SharedChanges = ensureShared(tx, s, d.SNAT, d.ExternalMark, d.MarkBit)
 	dnat := newSim(s.Table.Rules(state.DNATChain))
 	for _, v := range victims {
-		res.Takeovers = append(res.Takeovers, takeOver(tx, dnat, v, d))
+		t, positioned := takeOver(tx, dnat, v, d, false)
+		res.Takeovers = append(res.Takeovers, t)
+		res.Positioned = res.Positioned || positioned
 	}
 	if own := s.Attachments[d.Chain]; own != nil {
 		for _, j := range own.Jumps {
@@ -134,9 +142,11 @@ func findVictims(s *state.State, d Desired) ([]victim, []string) {
 			need = append(need, a.Chain)
 			continue
 		}
-		v := victim{a: a, keep: map[string]bool{}}
+		v := victim{a: a, keep: map[string]bool{}, partial: a.Partial}
 		var remaining int
+		read := map[string]bool{}
 		for _, m := range a.Mappings {
+			read[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
 			lost := false
 			for _, c := range d.Claims {
 				if m.Claim.Conflicts(c) {
@@ -150,6 +160,17 @@ func findVictims(s *state.State, d Desired) ([]victim, []string) {
 				remaining++
 				v.kept = append(v.kept, m)
 				v.keep[portKey(m.Claim.Proto, m.Claim.HostPort)] = true
+			}
+		}
+		if a.Partial {
+			// The ports whose rules were not read stay the victim's: its jumps name them.
+			for _, j := range a.Jumps {
+				for _, p := range j.Ports {
+					if k := portKey(j.Proto, p); !read[k] && !v.keep[k] {
+						v.keep[k] = true
+						remaining++
+					}
+				}
 			}
 		}
 		if len(v.lost) == 0 {
@@ -173,9 +194,13 @@ func touches(a *state.Attachment, d Desired) bool {
 }
 
 // takeOver removes v's lost mappings: the whole chain and its jumps when nothing remains,
-// otherwise the mapping rules, and jump rules rewritten to the ports still served (each
-// rewritten jump takes its predecessor's place).
-func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired) Takeover {
+// otherwise the mapping rules, and jump rules rewritten to the ports still served.
+//
+// A rewritten jump goes where it keeps its precedence: in the old jump's place (by rule
+// number) when inPlace, or when a later rule of CNI-HOSTPORT-DNAT may match the same
+// packets (then positioned is true: the number is only right while nobody else writes);
+// otherwise at the end of the chain, which no concurrent insert at the top shifts.
+func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired, inPlace bool) (_ Takeover, positioned bool) {
 	t := Takeover{Family: d.Family.String(), From: v.a.Owner, Chain: v.a.Chain, For: d.Owner, ChainRemoved: v.removeAll}
 	for _, m := range v.lost {
 		t.Claims = append(t.Claims, m.Claim)
@@ -188,16 +213,23 @@ func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired) Takeover {
 			dnat.delete(j.Rule)
 		}
 		tx.RemoveChain(v.a.Chain, why)
-		return t
+		return t, false
 	}
-	// The victim keeps a chain only because it keeps these mappings. An ADD of another port
-	// may be taking them at the same moment (ADDs of different ports run in parallel), and
-	// two partial takeovers would leave an empty chain behind: assert that they are still
-	// there, so the later payload fails whole and is planned again, then as a removal.
-	for _, m := range v.kept {
-		for _, r := range m.Rules {
-			tx.CheckRule(r, fmt.Sprintf("%s still holds %s", v.a.Chain, m.Claim))
-		}
+	// The victim keeps a chain only because it keeps other mappings. ADDs of other ports
+	// may be taking those at the same moment (ADDs of different ports run in parallel),
+	// and partial takeovers that together take everything would leave an empty chain
+	// behind. One kept rule asserted is enough to stop that: the takers' ports are
+	// disjoint (they hold different port locks), so when they take all of the victim, the
+	// rule each asserts belongs to what the others take, and the last payload to land
+	// finds its rule gone, fails whole and is planned again, then as a removal. (Asserting
+	// every kept rule cost one search of the chain per rule: minutes for a port range.)
+	// Two takers that rewrite one jump conflict on its -D anyway.
+	//
+	// A victim read in part is left to the caller, which removes the taken rules by handle
+	// after the payload and the chain when no jump enters it any more (nft.RemoveTaken):
+	// a -C naming its chain would make iptables-nft fetch all of it.
+	if r, ok := keptRule(v); ok && !v.partial {
+		tx.CheckRule(r, fmt.Sprintf("%s still holds what it keeps", v.a.Chain))
 	}
 	lostPort := map[string]bool{}
 	for _, m := range v.lost {
@@ -226,12 +258,54 @@ func takeOver(tx *iptables.Tx, dnat *chainSim, v victim, d Desired) Takeover {
 				flag = "--destination-ports"
 			}
 			nj := j.Rule.WithValue(flag, strings.Join(ports, ","))
-			pos := dnat.index(j.Rule) + 1
-			tx.InsertRule(nj, pos, why)
-			dnat.insert(nj, pos)
+			i := dnat.index(j.Rule)
+			if inPlace || overlapsLater(dnat.rules[i+1:], state.ParseJump(nj)) {
+				tx.InsertRule(nj, i+1, why)
+				dnat.insert(nj, i+1)
+				positioned = true
+			} else {
+				tx.AppendRule(nj, why)
+				dnat.insert(nj, len(dnat.rules)+1)
+			}
 		}
 		tx.DeleteRule(j.Rule, why)
 		dnat.delete(j.Rule)
 	}
-	return t
+	return t, positioned
+}
+
+// keptRule is the rule a partial takeover asserts the victim still has: the last rule
+// (the DNAT) of its first kept mapping.
+func keptRule(v victim) (iptables.Rule, bool) {
+	for _, m := range v.kept {
+		if len(m.Rules) > 0 {
+			return m.Rules[len(m.Rules)-1], true
+		}
+	}
+	return iptables.Rule{}, false
+}
+
+// overlapsLater tells whether any of the rules (those after a victim's jump) may match
+// packets j matches, so j's place before them matters: a rule of another shape, or a jump
+// elsewhere with j's protocol and one of its ports (or no port match). Jumps into j's own
+// chain do not count: either one sends the packet to the same rules.
+func overlapsLater(rules []iptables.Rule, j state.Jump) bool {
+	for _, r := range rules {
+		o := state.ParseJump(r)
+		if o.Target == j.Target {
+			continue
+		}
+		if !o.IsClaim() || o.Proto == "" || len(o.Ports) == 0 {
+			return true
+		}
+		if o.Proto != j.Proto {
+			continue
+		}
+		for _, p := range j.Ports {
+			if o.HasPort(p) {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -158,8 +158,9 @@ func TestAddPartialTakeoverKeepsTheOtherPort(t *testing.T) {
 	for _, want := range []string{
 		"-D " + chain + " -s 10.88.0.3/24 -p tcp -m tcp --dport 8080 -j CNI-HOSTPORT-SETMARK",
 		"-D " + chain + " -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.88.0.3:80",
-		// the rewritten jump takes the old one's place (2nd, after the bystander)
-		`-I CNI-HOSTPORT-DNAT 2 -p tcp -m comment --comment "dnat name: \"net\" id: \"old\"" -m multiport --dports 9090 -j ` + chain,
+		// nothing after the old jump matches 9090: the rewritten jump goes to the end, where
+		// a parallel ADD inserting at the top cannot shift it
+		`-A CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"net\" id: \"old\"" -m multiport --dports 9090 -j ` + chain,
 		`-D CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"net\" id: \"old\"" -m multiport --dports 8080,9090 -j ` + chain,
 	} {
 		if !strings.Contains(p, want+"\n") {
@@ -168,6 +169,27 @@ func TestAddPartialTakeoverKeepsTheOtherPort(t *testing.T) {
 	}
 	if strings.Contains(p, other) && strings.Contains(p, "-D "+other) {
 		t.Fatalf("bystander touched:\n%s", p)
+	}
+	if res.Positioned {
+		t.Error("an appended jump does not need the exclusive lock")
+	}
+}
+
+// A rewritten jump that another claim on one of its ports follows must keep its place
+// before it, by rule number, which only an exclusive holder can rely on.
+func TestAddPartialTakeoverBeforeALaterClaimKeepsItsPlace(t *testing.T) {
+	chain, jump, rules := upstream("net", "old", "10.88.0.3", "", 8080, 9090)
+	other, ojump, orules := upstream("net", "bystander", "10.88.0.4", "", 7000)
+	later, ljump, lrules := upstream("net", "shadowed", "10.88.0.5", "", 9090)
+	lines := append([]string{"-N CNI-HOSTPORT-DNAT", "-N " + chain, "-N " + other, "-N " + later, ojump, jump, ljump}, append(append(rules, orules...), lrules...)...)
+	res := Add(table(t, []string{state.DNATChain, chain, other, later}, lines...), desired(t, "new", m8080), config.PolicyTakeover)
+	p := render(t, res.Tx)
+	want := `-I CNI-HOSTPORT-DNAT 2 -p tcp -m comment --comment "dnat name: \"net\" id: \"old\"" -m multiport --dports 9090 -j ` + chain
+	if !strings.Contains(p, want+"\n") {
+		t.Errorf("payload lacks %q:\n%s", want, p)
+	}
+	if !res.Positioned {
+		t.Error("a jump inserted by rule number before a later claim on its port must be applied under the exclusive lock")
 	}
 }
 
@@ -300,6 +322,48 @@ func TestGCFindsOrphansOfSuspects(t *testing.T) {
 	res, removed := GC(table(t, []string{state.DNATChain, chain}, lines...), "net", map[string]bool{"valid": true}, suspects)
 	if p := render(t, res.Tx); len(removed) != 1 || !strings.Contains(p, "-X "+chain) {
 		t.Fatalf("orphan not removed: %v\n%s", removed, p)
+	}
+}
+
+// A victim read in part (only its rules for the contested port, state.ReadPart) keeps
+// what its jumps name besides that port: the takeover is partial, asserts none of its
+// rules (that would make iptables-nft fetch the chain), and only when the jumps name
+// nothing else is the chain removed.
+func TestAddPartialTakeoverOfAVictimReadInPart(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		ports     []int
+		removeAll bool
+	}{{"keeps other ports", []int{8080, 9090, 9091}, false}, {"keeps nothing", []int{8080}, true}} {
+		t.Run(c.name, func(t *testing.T) {
+			chain, jump, rules := upstream("net", "range", "10.88.0.3", "", c.ports...)
+			s := table(t, []string{state.DNATChain}, "-N CNI-HOSTPORT-DNAT", "-N "+chain, jump)
+			var taken []iptables.Rule
+			for _, l := range rules {
+				if strings.Contains(l, "--dport 8080 ") {
+					r, err := iptables.SplitArgs(strings.TrimPrefix(l, "-A "+chain+" "))
+					if err != nil {
+						t.Fatal(err)
+					}
+					taken = append(taken, iptables.Rule{Chain: chain, Args: r})
+				}
+			}
+			s.ReadPart(chain, taken)
+			res := Add(s, desired(t, "new", m8080), config.PolicyTakeover)
+			p := render(t, res.Tx)
+			if len(res.Need) > 0 || len(res.Takeovers) != 1 || res.Takeovers[0].ChainRemoved != c.removeAll {
+				t.Fatalf("need %v, takeovers %+v", res.Need, res.Takeovers)
+			}
+			if strings.Contains(p, "-C "+chain) {
+				t.Errorf("asserts a rule of the victim read in part:\n%s", p)
+			}
+			if want := "--dports 9090,9091 -j " + chain; !c.removeAll && !strings.Contains(p, want) {
+				t.Errorf("payload lacks the rewritten jump %q:\n%s", want, p)
+			}
+			if got := strings.Contains(p, "-X "+chain); got != c.removeAll {
+				t.Errorf("chain removed: %v, want %v:\n%s", got, c.removeAll, p)
+			}
+		})
 	}
 }
 

@@ -143,7 +143,7 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 			}
 		}
 		v.a = &ac
-		takeOver(tx, dnat, v, Desired{Family: s.Family, Owner: l.for_})
+		takeOver(tx, dnat, v, Desired{Family: s.Family, Owner: l.for_}, true) // repair holds the lock exclusively
 		if v.removeAll {
 			removed[a] = true
 			act("%s: %s: nothing valid left: delete its jumps and the chain", s.Family, ownerText(a.Owner, a.Chain))

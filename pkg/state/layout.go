@@ -50,3 +50,18 @@ func MasqRule(bit int) iptables.Rule {
 
 // SharedChains are the chains an ADD needs to know to create the shared layout.
 var SharedChains = []string{"PREROUTING", "OUTPUT", "POSTROUTING", SetMarkChain, MasqChain}
+
+// Layout is the shared layout's rules for one family: the entry jumps and, when
+// portguard masquerades with its own marks (masq), POSTROUTING's jump, CNI-HOSTPORT-SETMARK's
+// rule and CNI-HOSTPORT-MASQ's rule for the mark bit. nft.Conn.SharedLayout shows exactly
+// these.
+func Layout(masq bool, markBit int) []iptables.Rule {
+	var out []iptables.Rule
+	for _, ch := range EntryChains {
+		out = append(out, EntryJump(ch))
+	}
+	if masq {
+		out = append(out, MasqJump(), SetMarkRule(markBit), MasqRule(markBit))
+	}
+	return out
+}

@@ -17,7 +17,7 @@ var longFlags = map[string]string{
 // Normalize renders a rule so that two rules equal in meaning compare equal, whether they
 // were written by portguard, by upstream portmap, or printed back by iptables -S: long
 // flags become short, the implicit "-m tcp" goes, bare addresses get their /32 or /128,
-// and options are sorted.
+// an address match of every address (-s 0.0.0.0/0) goes, and options are sorted.
 func Normalize(r iptables.Rule) string {
 	var opts []string
 	var cur []string
@@ -53,8 +53,11 @@ func Normalize(r iptables.Rule) string {
 	flush()
 	kept := opts[:0]
 	for _, o := range opts {
-		if o == "-m tcp" || o == "-m udp" || o == "-m sctp" {
+		switch o {
+		case "-m tcp", "-m udp", "-m sctp":
 			continue
+		case "-s 0.0.0.0/0", "-d 0.0.0.0/0", "-s ::/0", "-d ::/0":
+			continue // matches every packet: iptables stores no match and prints none
 		}
 		kept = append(kept, o)
 	}

@@ -51,24 +51,43 @@ type Attachment struct {
 	Exists   bool // the chain exists (known only when Read)
 	Mappings []Mapping
 	Other    []iptables.Rule // rules of the chain that are not a mapping's
+	// Partial says only the chain's rules for some ports were read (ReadPart): Mappings
+	// lists those, and the attachment holds whatever else its jumps name.
+	Partial bool
 }
 
 // State is what one family's nat table looked like, as far as it was read.
 type State struct {
 	Family      hostport.Family
 	Table       *iptables.Table
-	Jumps       []Jump // every rule of CNI-HOSTPORT-DNAT, in order
+	Jumps       []Jump // every rule of CNI-HOSTPORT-DNAT (that was read), in order
 	Attachments map[string]*Attachment
+	partial     map[string]bool // chains read in part (ReadPart)
 	// SharedShown says the shared chains were not read but the kernel was shown to hold
 	// the shared layout's rules (entry jumps, and SETMARK, MASQ and POSTROUTING's jump
 	// when masquerading) exactly, over netlink (nft.Conn.SharedLayout): a plan may take
 	// those rules as present instead of asserting them.
 	SharedShown bool
+	// dnatPos, from NewExcerpt: the kernel position of each rule of CNI-HOSTPORT-DNAT the
+	// table holds (it holds only some).
+	dnatPos []int
 }
 
 // New interprets a table. Call it again (or Refresh) after reading more chains.
 func New(f hostport.Family, t *iptables.Table) *State {
 	s := &State{Family: f, Table: t}
+	s.Refresh()
+	return s
+}
+
+// NewExcerpt interprets a table whose CNI-HOSTPORT-DNAT holds only some of the chain's
+// rules: a reader left out those that cannot matter to the verb (CHECK's read over
+// netlink keeps the jumps to the attachment's chain and the rules on its ports; see
+// nft.Conn.Excerpt). pos[i] is the 0-based kernel position of the table's rule i of that
+// chain, so Jump.Index keeps numbering the kernel's rules. Plan with such a state only
+// for a verb whose decisions need no other rule of the chain.
+func NewExcerpt(f hostport.Family, t *iptables.Table, pos []int) *State {
+	s := &State{Family: f, Table: t, dnatPos: pos}
 	s.Refresh()
 	return s
 }
@@ -103,6 +122,17 @@ func (s *State) Read(r iptables.Runner, chains ...string) error {
 	return nil
 }
 
+// ReadPart records rules of an attachment chain that was read only in part: its rules
+// for some ports (found by handle, see nft.TakenRules), not the whole chain.
+func (s *State) ReadPart(chain string, rules []iptables.Rule) {
+	if s.partial == nil {
+		s.partial = map[string]bool{}
+	}
+	s.partial[chain] = true
+	s.Table.Add(chain, rules...)
+	s.Refresh()
+}
+
 // Refresh rebuilds the model from the table.
 func (s *State) Refresh() {
 	s.Jumps = nil
@@ -110,6 +140,9 @@ func (s *State) Refresh() {
 	for i, r := range s.Table.Rules(DNATChain) {
 		j := parseJump(r)
 		j.Index = i
+		if i < len(s.dnatPos) {
+			j.Index = s.dnatPos[i]
+		}
 		s.Jumps = append(s.Jumps, j)
 		if j.IsClaim() {
 			a := s.attachment(j.Target)
@@ -122,7 +155,7 @@ func (s *State) Refresh() {
 	for _, name := range s.Table.Order {
 		if strings.HasPrefix(name, hostport.ChainPrefix) {
 			a := s.attachment(name)
-			a.Read, a.Exists = true, true
+			a.Read, a.Exists, a.Partial = true, true, s.partial[name]
 			a.Mappings, a.Other = parseMappings(s.Family, s.Table.Rules(name))
 		}
 	}
@@ -149,9 +182,11 @@ func (s *State) DNATExists() bool { return s.Table.Has(DNATChain) }
 // HasRule reports whether a chain that was read holds a rule equal in meaning to r.
 // Rules are compared after normalising the way iptables prints them.
 func (s *State) HasRule(r iptables.Rule) bool {
-	want := Normalize(r)
+	want, target := Normalize(r), r.Target()
 	for _, have := range s.Table.Rules(r.Chain) {
-		if Normalize(have) == want {
+		// Equal rules have equal targets; comparing those first spares normalising the
+		// thousands of jumps of a read CNI-HOSTPORT-DNAT.
+		if have.Target() == target && Normalize(have) == want {
 			return true
 		}
 	}
@@ -167,6 +202,9 @@ func (s *State) AttachmentsSorted() []*Attachment {
 	sort.Slice(out, func(i, j int) bool { return out[i].Chain < out[j].Chain })
 	return out
 }
+
+// ParseJump reads a rule of CNI-HOSTPORT-DNAT as a Jump (Index left 0).
+func ParseJump(r iptables.Rule) Jump { return parseJump(r) }
 
 func parseJump(r iptables.Rule) Jump {
 	j := Jump{Rule: r, Target: r.Target(), Proto: r.Value("-p", "--protocol")}

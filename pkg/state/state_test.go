@@ -77,4 +77,14 @@ func TestNormalizeEqualsInMeaning(t *testing.T) {
 	if Normalize(a) == Normalize(iptables.Rule{Chain: "C", Args: c}) {
 		t.Fatal("different ports compare equal")
 	}
+	// masqAll's source: iptables prints no -s for a match of every address.
+	all := iptables.Rule{Chain: "C", Args: []string{"-p", "tcp", "--dport", "80", "-s", "::/0", "-j", "M"}}
+	none, _ := iptables.SplitArgs(`-p tcp -m tcp --dport 80 -j M`)
+	if Normalize(all) != Normalize(iptables.Rule{Chain: "C", Args: none}) {
+		t.Fatal("-s ::/0 must compare equal to no -s")
+	}
+	neg := iptables.Rule{Chain: "C", Args: []string{"!", "-s", "0.0.0.0/0", "-p", "tcp", "--dport", "80", "-j", "M"}}
+	if Normalize(neg) == Normalize(iptables.Rule{Chain: "C", Args: none}) {
+		t.Fatal("! -s 0.0.0.0/0 (no packet) compares equal to no -s (every packet)")
+	}
 }

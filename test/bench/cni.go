@@ -79,10 +79,16 @@ func netConf(p plugin, a attachment, podNetns string, mappings bool) []byte {
 // shim directory is put first on PATH and the iptables processes are read back from
 // the log.
 func invoke(p plugin, verb string, a attachment, env callEnv, mappings bool, shimLog string) callResult {
+	return invokeConf(p, verb, a.ID, netConf(p, a, env.PodNetns, mappings), env, shimLog)
+}
+
+// invokeConf is invoke with the network config given (id: CNI_CONTAINERID, 64 hex).
+func invokeConf(p plugin, verb, id string, conf []byte, env callEnv, shimLog string) callResult {
+	a := attachment{ID: id}
 	resFile := filepath.Join(env.WorkDir, fmt.Sprintf("launch-%d.json", launchSeq.Add(1)))
 	defer os.Remove(resFile)
 	cmd := exec.Command(env.Self, p.Path)
-	cmd.Stdin = bytes.NewReader(netConf(p, a, env.PodNetns, mappings))
+	cmd.Stdin = bytes.NewReader(conf)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	path := os.Getenv("PATH")

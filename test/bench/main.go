@@ -1,7 +1,7 @@
 // Command bench times portguard against upstream portmap v1.10.0 on a throwaway node
 // network namespace loaded with kube-proxy-sized nat tables. Run it as root:
 //
-//	make bench                                  # default: M=20000, N=0,100,1000, 15 runs
+//	make bench                                  # default: M=20000, N=0,100,1000,5000, 15 runs
 //	make bench BENCH_ARGS='-quick'              # CI smoke: M=2000, N=0,100, 5 runs
 //	go run ./test/bench -n 1000 -runs 30 -only add,del -o bench.md
 //
@@ -39,6 +39,8 @@ type options struct {
 	Out             string
 	Drain, DrainPar int
 	DrainRuns       int
+	DrainMaxN       int // scenarios with more existing attachments skip the drain
+	Range           int // mappings of the TAKEOVER victim
 	Quick           bool
 	Command         string // how the bench was invoked, for the report
 	Payload         string // -payload: write the nat payload and exit
@@ -46,7 +48,7 @@ type options struct {
 	UpstreamBin     string
 }
 
-var allOps = []string{"ADD", "CHECK", "DEL", "DRAIN", "NOMAP"}
+var allOps = []string{"ADD", "CHECK", "DEL", "DRAIN", "NOMAP", "TAKEOVER"}
 
 func parseInts(s string) ([]int, error) {
 	var out []int
@@ -117,13 +119,16 @@ func defaultBins() (portguard, upstream string) {
 func parseFlags(args []string) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	m := fs.String("m", "20000", "foreign kube-proxy-like nat rules (comma-separated list)")
-	n := fs.String("n", "0,100,1000", "existing upstream-format host-port attachments (comma-separated list)")
+	n := fs.String("n", "0,100,1000,5000", "existing upstream-format host-port attachments (comma-separated list)")
 	runs := fs.Int("runs", 15, "timed ADD/CHECK/DEL runs per plugin and scenario")
-	only := fs.String("only", strings.ToLower(strings.Join(allOps, ",")), "subset of ops: add,check,del,drain,nomap")
+	only := fs.String("only", strings.ToLower(strings.Join(allOps, ",")), "subset of ops: add,check,del,drain,nomap,takeover")
+	rng := fs.Int("range", maxRange, "TAKEOVER: host-port mappings of the attachment (a podman port range) each timed ADD takes one port from")
 	out := fs.String("o", "", "also write the markdown report to this file")
 	drainN := fs.Int("drain", 100, "attachments in the drain (ADDed, then DELeted)")
 	par := fs.Int("par", 10, "parallel calls in the drain")
 	drainRuns := fs.Int("drain-runs", 1, "drains per plugin and scenario (median reported; plugins alternate)")
+	// Upstream's drain at N = 5,000 alone takes minutes (100 ADDs of ~1 s each, 10 at a time on 2 cores).
+	drainMaxN := fs.Int("drain-max-n", 1000, "drain only in scenarios with at most this many existing attachments")
 	quick := fs.Bool("quick", false, "CI smoke mode: M=2000, N=0,100, 5 runs, drain of 20")
 	payload := fs.String("payload", "", "only write the iptables-restore payload for the first -m and -n to this file, and exit")
 	pgBin, upBin := defaultBins()
@@ -150,8 +155,11 @@ func parseFlags(args []string) (options, error) {
 		if !set["drain"] {
 			*drainN = 20
 		}
+		if !set["range"] {
+			*rng = 2000
+		}
 	}
-	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
+	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, DrainMaxN: *drainMaxN, Range: *rng, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
 	var err error
 	if o.Ms, err = parseInts(*m); err != nil {
 		return o, fmt.Errorf("-m: %v", err)
@@ -172,6 +180,16 @@ func parseFlags(args []string) (options, error) {
 	}
 	if o.Drain < 1 || o.Drain > maxDrain || o.DrainPar < 1 || o.DrainRuns < 1 {
 		return o, fmt.Errorf("-drain must be in 1..%d, -par and -drain-runs at least 1", maxDrain)
+	}
+	if o.Only["TAKEOVER"] {
+		if o.Range < 2 || o.Range > maxRange {
+			return o, fmt.Errorf("-range must be in 2..%d", maxRange)
+		}
+		for _, v := range o.Ns {
+			if v > maxRangeExisting {
+				return o, fmt.Errorf("-n: at most %d with the takeover op (its port range follows the existing attachments' ports)", maxRangeExisting)
+			}
+		}
 	}
 	o.Payload = *payload
 	o.Command = "go run ./test/bench"

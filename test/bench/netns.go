@@ -180,8 +180,15 @@ func runOneScenario(ctx context.Context, cl *cleaner, opts options, plugins []pl
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return scenarioResult{}, err
 	}
+	ops := opts.Only
+	if ops["DRAIN"] && n > opts.DrainMaxN {
+		ops = map[string]bool{}
+		for op, on := range opts.Only {
+			ops[op] = on && op != "DRAIN"
+		}
+	}
 	cfg := scenarioConfig{
-		M: m, N: n, Runs: opts.Runs, Ops: opts.Only, Drain: opts.Drain, DrainPar: opts.DrainPar, DrainRuns: opts.DrainRuns,
+		M: m, N: n, Runs: opts.Runs, Ops: ops, Drain: opts.Drain, DrainPar: opts.DrainPar, DrainRuns: opts.DrainRuns, Range: opts.Range,
 		Plugins: plugins, WorkDir: dir, ResultFile: filepath.Join(dir, "result.json"),
 		Env: callEnv{PodNetns: "/var/run/netns/" + pod, LockFile: filepath.Join(dir, "portguard.lock"), ShimDir: shimDir, Self: self, WorkDir: dir},
 	}

@@ -177,6 +177,11 @@ func (r *report) ok() bool {
 		if d := findDrain(s.Drain, "portguard"); d != nil && (d.AddFail > 0 || d.DelFail > 0 || d.Installed != d.Attachments) {
 			return false
 		}
+		for _, t := range s.Takeover {
+			if t.VictimErr != "" || t.Failures > 0 || t.Verified != "ok" {
+				return false
+			}
+		}
 	}
 	return true
 }
@@ -254,8 +259,8 @@ func (r *report) markdown() string {
 		b.WriteString(row("M", "N", "phase", "upstream", "portguard", "ratio", "failed calls upstream", "failed calls portguard"))
 		b.WriteString(row("---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"))
 		for _, s := range r.Scenarios {
-			if s.Err != "" {
-				continue
+			if s.Err != "" || len(s.Drain) == 0 {
+				continue // failed, or N above -drain-max-n
 			}
 			for _, phase := range []string{"ADD", "DEL"} {
 				cells := []string{fmt.Sprint(s.M), fmt.Sprint(s.N), phase}
@@ -282,6 +287,23 @@ func (r *report) markdown() string {
 				}
 				cells = append(cells, fmtRatio(t[0], t[1]), fails[0], fails[1])
 				b.WriteString(row(cells...))
+			}
+		}
+	}
+
+	if r.Opts.Only["TAKEOVER"] {
+		w("\n### Takeover of one port from a %d-mapping attachment (portguard; upstream takes nothing over)\n\n", r.Opts.Range)
+		w("A dead container's podman-style port range (one attachment, %d TCP mappings, ADDed by the plugin); each timed ADD claims one of its ports (and is DELeted again, untimed).\n\n", r.Opts.Range)
+		b.WriteString(row("M", "N", "range ADD", "takeover median", "takeover p90", "runs", "failed", "last takeover"))
+		b.WriteString(row("---:", "---:", "---:", "---:", "---:", "---:", "---:", "---"))
+		for _, s := range r.Scenarios {
+			for _, t := range s.Takeover {
+				if t.VictimErr != "" {
+					b.WriteString(row(fmt.Sprint(s.M), fmt.Sprint(s.N), "failed: "+t.VictimErr, "", "", "", "", ""))
+					continue
+				}
+				b.WriteString(row(fmt.Sprint(s.M), fmt.Sprint(s.N), fmtMs(t.VictimMs), fmtMs(median(t.Ms)), fmtMs(p90(t.Ms)),
+					fmt.Sprint(len(t.Ms)), fmt.Sprint(t.Failures), t.Verified))
 			}
 		}
 	}

@@ -21,6 +21,7 @@ type scenarioConfig struct {
 	Ops             map[string]bool
 	Drain, DrainPar int
 	DrainRuns       int
+	Range           int // TAKEOVER victim's mappings
 	Plugins         []plugin
 	Env             callEnv
 	WorkDir         string
@@ -60,6 +61,7 @@ type scenarioResult struct {
 	Ops              []opStats
 	NoMap            []opStats
 	Drain            []drainStats
+	Takeover         []takeoverStats
 	Verified         map[string]string // plugin -> "ok" or what was wrong with ADD/DEL effects
 	StateStable      bool              // nat tables after all runs == after the warm-up round
 	ForeignUntouched bool              // foreign (KUBE-*) lines unchanged from setup to end
@@ -374,6 +376,16 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 	res.ForeignUntouched = foreignLines(snap0) == foreignLines(snapB)
 	if !res.ForeignUntouched && res.StateDiff == "" {
 		res.StateDiff = diffSummary(foreignLines(snap0), foreignLines(snapB))
+	}
+
+	// Last, after the state comparison: a portguard-only op (upstream takes nothing over).
+	if cfg.Ops["TAKEOVER"] {
+		for _, p := range cfg.Plugins {
+			if p.Name == "portguard" {
+				logf("M=%d N=%d: takeover of one port from a %d-mapping attachment, %d runs", cfg.M, cfg.N, cfg.Range, cfg.Runs)
+				res.Takeover = append(res.Takeover, runTakeover(cfg, p))
+			}
+		}
 	}
 	return res
 }

@@ -368,6 +368,7 @@ type attachment struct {
 	IP4     string // CIDR, "" when the pod has no IPv4
 	IP6     string
 	Maps    []mapping
+	Policy  string // conflictPolicy ("" for the default, takeover)
 }
 
 func (a *attachment) owner() hostport.Owner {
@@ -423,6 +424,9 @@ func (a *attachment) netConf(lockTimeout int, keep map[string]bool) []byte {
 	}
 	if lockTimeout > 0 {
 		conf["lockTimeout"] = lockTimeout
+	}
+	if a.Policy != "" {
+		conf["conflictPolicy"] = a.Policy
 	}
 	b, err := json.Marshal(conf)
 	if err != nil {

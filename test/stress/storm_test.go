@@ -150,8 +150,10 @@ func TestStorm(t *testing.T) {
 		} else {
 			fakeHost++
 		}
+		// conflictPolicy force: the contenders' pods all live, and the storm is about locks
+		// and transactions; the live-owner rule has its own tests (test/e2e/takeover).
 		return &attachment{Name: name, Network: network, ID: "storm-" + name,
-			IP4: stormPrefix + strconv.Itoa(host) + "/24", Maps: maps}
+			IP4: stormPrefix + strconv.Itoa(host) + "/24", Maps: maps, Policy: "force"}
 	}
 	for g, size := range groupSizes {
 		port := 20001 + g
