@@ -50,7 +50,7 @@ func rawAttr(typ uint16, payload []byte) []byte {
 	return b
 }
 
-func dataValue(v []byte) []byte { return rawAttr(unix.NFTA_DATA_VALUE, v) }
+func valueAttr(v []byte) []byte { return rawAttr(unix.NFTA_DATA_VALUE, v) }
 
 // udata encodes the element comment the way nft(8) does, so `nft list` shows it.
 func udata(comment string) []byte {
@@ -62,12 +62,12 @@ func udata(comment string) []byte {
 
 func (e Elem) encode(withData bool) []byte {
 	var b []byte
-	b = append(b, nest(unix.NFTA_SET_ELEM_KEY, dataValue(e.Key))...)
+	b = append(b, nest(unix.NFTA_SET_ELEM_KEY, valueAttr(e.Key))...)
 	if len(e.KeyEnd) > 0 {
-		b = append(b, nest(nftaSetElemKeyEnd, dataValue(e.KeyEnd))...)
+		b = append(b, nest(nftaSetElemKeyEnd, valueAttr(e.KeyEnd))...)
 	}
 	if withData && len(e.Data) > 0 {
-		b = append(b, nest(unix.NFTA_SET_ELEM_DATA, dataValue(e.Data))...)
+		b = append(b, nest(unix.NFTA_SET_ELEM_DATA, valueAttr(e.Data))...)
 	}
 	if withData && e.Jump != "" {
 		jump := int32(unix.NFT_JUMP) // negative: verdict codes share the space of NF_* verdicts
@@ -240,7 +240,7 @@ func decodeElems(b []byte) ([]Elem, error) {
 	if err != nil {
 		return nil, err
 	}
-	items, err := list(a.get(unix.NFTA_SET_ELEM_LIST_ELEMENTS))
+	items, err := listElems(a.get(unix.NFTA_SET_ELEM_LIST_ELEMENTS))
 	if err != nil {
 		return nil, err
 	}
@@ -278,6 +278,25 @@ func decodeElems(b []byte) ([]Elem, error) {
 		}
 		e.Comment = elemComment(ea.get(unix.NFTA_SET_ELEM_USERDATA))
 		out = append(out, e)
+	}
+	return out, nil
+}
+
+// listElems returns the payloads of a nested list's NFTA_LIST_ELEM entries, in order.
+func listElems(b []byte) ([][]byte, error) {
+	var out [][]byte
+	for len(b) >= 4 {
+		l := int(binary.NativeEndian.Uint16(b[0:]))
+		if l < 4 || l > len(b) {
+			return nil, errors.New("nf_tables netlink: malformed list")
+		}
+		if binary.NativeEndian.Uint16(b[2:])&nlaTypeMask == unix.NFTA_LIST_ELEM {
+			out = append(out, b[4:l])
+		}
+		if align(l) >= len(b) {
+			break
+		}
+		b = b[align(l):]
 	}
 	return out, nil
 }
