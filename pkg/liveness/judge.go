@@ -168,7 +168,7 @@ func (j *Judge) inspect(b sandbox, dest netip.Addr) Evidence {
 		return verdict(Unknown, "network namespace %s: %v", b.netns, err)
 	}
 	const nsfsMagic = 0x6e736673
-	if fs.Type != nsfsMagic && !strings.HasPrefix(b.netns, "/proc/") {
+	if fs.Type != nsfsMagic {
 		// An unmounted bind target (the namespace file of a deleted netns) is a plain file.
 		return verdict(Stale, "%s is no longer a network namespace", b.netns)
 	}

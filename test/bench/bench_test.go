@@ -135,6 +135,7 @@ func TestReportWellFormed(t *testing.T) {
 				s.NoMap = append(s.NoMap, st)
 			}
 			s.Drain = []drainStats{{Plugin: "upstream", Attachments: 20, Par: 10, AddMs: 1000, DelMs: 900, Installed: 20}}
+			s.Takeover = []takeoverStats{{Plugin: "portguard", Mappings: opts.Range, VictimMs: 200, Ms: []float64{30, 40}, Verified: "ok"}}
 			rep.Scenarios = append(rep.Scenarios, s)
 		}
 	}
