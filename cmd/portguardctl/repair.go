@@ -1,9 +1,11 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
@@ -15,7 +17,8 @@ import (
 	"github.com/portguard/portguard/pkg/state"
 )
 
-const repairHelp = `Usage: portguardctl repair [--dry-run] [--keep NETWORK/CONTAINERID ...] [--family 4|6|all]
+const repairHelp = `Usage: portguardctl repair [--dry-run] [--keep NETWORK/CONTAINERID ...] [--port PROTO/PORT]
+                         [--owner NETWORK/CONTAINERID] [--log-file PATH] [--family 4|6|all]
 
 Fixes what "portguardctl audit" reports, with one iptables-restore --noflush per family,
 under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, default /run/portguard.lock):
@@ -34,6 +37,19 @@ under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, d
 Only CNI rules are written: KUBE-* chains and your own rules are never touched.
 After the repair the nat tables are audited again; the exit status is the audit's.
 
+--port PROTO/PORT and --owner NETWORK/CONTAINERID narrow the repair to the problems
+involving that host port or that owner (both given: involving both). Which claim keeps a
+contested port is still decided over the whole table; everything else is reported as
+"left alone" and stays, so the audit after a narrowed repair may still find problems
+(exit 1). Shared rules (entry jumps, SETMARK/MASQ) involve no one port or owner: a
+narrowed repair reports them and leaves them.
+
+Every removal is logged as one JSON line on stderr, like the plugin's takeover events:
+  {"event":"repair","repair":{"family","owner","chain","claims","destinations",
+   "chainRemoved","rule","reasons","keptFor","ownerState","evidence"},"time":...}
+and appended to --log-file PATH when given (reasons are audit problem kinds; ownerState
+and evidence are the owner's liveness judgement). --dry-run logs nothing.
+
 --dry-run prints the exact iptables-restore payloads (with # comments saying what each
 family's payload does) and changes nothing; pipe one family's payload into
 "iptables-restore --noflush" to apply it by hand.
@@ -44,12 +60,16 @@ Examples:
   portguardctl repair --dry-run
   portguardctl repair
   portguardctl repair --keep cbr0/9f86d081884c7d65 --family 4
+  portguardctl repair --port tcp/8080 --log-file /var/log/portguard-repair.log
+  portguardctl repair --owner cbr0/9f86d081884c7d65 --dry-run
 `
 
-func parseOwner(s string) (hostport.Owner, error) {
+func parseOwner(s string) (hostport.Owner, error) { return parseOwnerFlag("--keep", s) }
+
+func parseOwnerFlag(flag, s string) (hostport.Owner, error) {
 	net, id, ok := strings.Cut(s, "/")
 	if !ok || !hostport.ValidNetworkName(net) || !hostport.ValidContainerID(id) {
-		return hostport.Owner{}, fmt.Errorf("--keep %q: want NETWORK/CONTAINERID (as in the rule comment dnat name: \"NETWORK\" id: \"CONTAINERID\")", s)
+		return hostport.Owner{}, fmt.Errorf("%s %q: want NETWORK/CONTAINERID (as in the rule comment dnat name: \"NETWORK\" id: \"CONTAINERID\")", flag, s)
 	}
 	return hostport.Owner{Network: net, ContainerID: id}, nil
 }
@@ -62,8 +82,36 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&keeps, "keep", "NETWORK/CONTAINERID whose claims win contested ports (repeatable)")
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
 	timeout := fs.Duration("lock-timeout", 60*time.Second, "how long to wait for the portguard and xtables locks")
+	port := fs.String("port", "", "PROTO/PORT: fix only problems involving this host port (e.g. tcp/8080)")
+	ownerArg := fs.String("owner", "", "NETWORK/CONTAINERID: fix only problems involving this owner")
+	logFile := fs.String("log-file", "", "append one JSON line per removal to this file (also written to stderr)")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	var scope plan.RepairScope
+	if *port != "" {
+		p, n, err := plan.ParsePortScope(*port)
+		if err != nil {
+			return usageError{err.Error()}
+		}
+		scope.Proto, scope.Port = p, n
+	}
+	if *ownerArg != "" {
+		o, err := parseOwnerFlag("--owner", *ownerArg)
+		if err != nil {
+			return usageError{err.Error()}
+		}
+		scope.Owner = o
+	}
+	var logw io.Writer
+	if *logFile != "" && !*dry {
+		// Opened before anything changes: a log that cannot be written stops the repair.
+		f, err := os.OpenFile(*logFile, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			return envError{fmt.Errorf("--log-file: %w", err)}
+		}
+		defer f.Close()
+		logw = f
 	}
 	keep := map[hostport.Owner]bool{}
 	for _, k := range keeps {
@@ -94,11 +142,13 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	var plans []planned
 	unknown := map[hostport.Owner]int{}
 	judge := liveness.New()
+	ownerSeen := false
 	for _, s := range states {
-		res, err := plan.Repair(s, keep, judge)
+		res, err := plan.RepairScoped(s, keep, judge, scope)
 		if err != nil {
 			return usageError{err.Error()}
 		}
+		ownerSeen = ownerSeen || res.ScopeOwnerSeen
 		for _, o := range res.UnknownKeep {
 			unknown[o]++
 		}
@@ -108,6 +158,9 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		if n == len(states) {
 			return usageError{fmt.Sprintf("--keep %s: no claim of that owner in the audited families (see portguardctl audit)", o)}
 		}
+	}
+	if !scope.Owner.IsZero() && !ownerSeen {
+		return usageError{fmt.Sprintf("--owner %s: no chain of that owner in the audited families (see portguardctl audit)", scope.Owner)}
 	}
 	for _, fa := range unavailable {
 		fmt.Fprintf(stderr, "portguardctl repair: %s skipped: %s\n", fa.Family, fa.Error)
@@ -151,6 +204,9 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		for _, a := range p.res.Actions {
 			fmt.Fprintln(stdout, a)
 		}
+		for _, rm := range p.res.Removals {
+			logRemoval(rm, stderr, logw)
+		}
 		fmt.Fprintf(stdout, "%s: repaired with one %s (%d operations)\n", p.s.Family, restoreTool(p.s.Family), len(p.res.Tx.Ops))
 	}
 	if len(failed) > 0 {
@@ -174,6 +230,22 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	return exitError(exitProblems)
+}
+
+// logRemoval writes one removal as a JSON line, the shape of the plugin's takeover events
+// ({"event":"repair","repair":{...},"time":RFC 3339 UTC}), to stderr and, when set, to log.
+func logRemoval(rm plan.RepairRemoval, stderr, log io.Writer) {
+	b, err := json.Marshal(map[string]any{"event": "repair", "repair": rm, "time": time.Now().UTC().Format(time.RFC3339Nano)})
+	if err != nil {
+		return
+	}
+	b = append(b, '\n')
+	stderr.Write(b)
+	if log != nil {
+		if _, err := log.Write(b); err != nil {
+			fmt.Fprintf(stderr, "portguardctl repair: --log-file: %v\n", err)
+		}
+	}
 }
 
 func restoreTool(f hostport.Family) string {

@@ -20,9 +20,11 @@ import (
 
 // Conn is a netlink socket to nf_tables in the network namespace it was opened in.
 type Conn struct {
-	fd  int
-	seq atomic.Uint32
-	buf []byte
+	fd     int
+	seq    atomic.Uint32
+	buf    []byte
+	sndbuf int // bytes a datagram may have without growing the send buffer
+	acks   int // acks of one batch the receive buffer holds without growing
 }
 
 // Open opens the socket. The receive timeout keeps a misbehaving kernel from hanging a
@@ -37,11 +39,14 @@ func Open() (*Conn, error) {
 		unix.Close(fd)
 		return nil, err
 	}
+	// Errors echo only the request's header, not the request: a refused batch message can
+	// be hundreds of KiB of elements, and echoing it would overflow the receive buffer.
+	_ = unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_CAP_ACK, 1)
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
-	c := &Conn{fd: fd, buf: make([]byte, 1<<17)}
+	c := &Conn{fd: fd, buf: make([]byte, 1<<17), sndbuf: 64 << 10, acks: 100}
 	c.seq.Store(uint32(time.Now().UnixNano()))
 	return c, nil
 }
@@ -114,6 +119,18 @@ func (c *Conn) send(ms ...*msg) error {
 	for _, m := range ms {
 		m.seq = c.seq.Add(1)
 		out = append(out, m.bytes()...)
+	}
+	if len(out) > c.sndbuf {
+		// A batch is one datagram, and the socket refuses (EMSGSIZE) one larger than its
+		// send buffer (~208 KiB by default: about 4,000 set elements). Grow it as nft(8)
+		// does; SO_SNDBUFFORCE passes net.core.wmem_max, which a CNI plugin (root) may.
+		n := 2 * len(out)
+		if err := unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, n); err != nil {
+			if err := unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_SNDBUF, n); err != nil {
+				return err
+			}
+		}
+		c.sndbuf = len(out)
 	}
 	return unix.Sendto(c.fd, out, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK})
 }
@@ -238,18 +255,39 @@ func DeleteChain(f hostport.Family, chain string) Op {
 }
 
 // Commit applies the ops as one nf_tables transaction: all of them or none.
-func (c *Conn) Commit(ops ...Op) error {
+func (c *Conn) Commit(ops ...Op) error { return c.commit(nil, ops) }
+
+// CommitAt is Commit for a batch planned from reads at generation genid (see GenID): the
+// kernel refuses the whole batch with ERESTART when the ruleset changed since.
+func (c *Conn) CommitAt(genid uint32, ops ...Op) error { return c.commit(&genid, ops) }
+
+func (c *Conn) commit(genid *uint32, ops []Op) error {
 	if len(ops) == 0 {
 		return nil
 	}
 	// Batch begin/end carry the subsystem in nfgenmsg.res_id (big endian).
 	begin := &msg{typ: unix.NFNL_MSG_BATCH_BEGIN, flags: unix.NLM_F_REQUEST, data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}}
+	if genid != nil {
+		begin.attr(unix.NFNL_BATCH_GENID, binary.BigEndian.AppendUint32(nil, *genid))
+	}
 	end := &msg{typ: unix.NFNL_MSG_BATCH_END, flags: unix.NLM_F_REQUEST, data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}}
 	ms := []*msg{begin}
 	for _, o := range ops {
 		ms = append(ms, o.m)
 	}
 	ms = append(ms, end)
+	if len(ops) > c.acks {
+		// Every op is acknowledged by a message of its own, and acks that overflow the
+		// receive buffer are dropped (ENOBUFS): size it for the batch, ~1 KiB per ack as
+		// the kernel accounts them.
+		n := 1024 * len(ops)
+		if err := unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, n); err != nil {
+			if err := unix.SetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_RCVBUF, n); err != nil {
+				return err
+			}
+		}
+		c.acks = len(ops)
+	}
 	if err := c.send(ms...); err != nil {
 		return fmt.Errorf("nf_tables netlink: %w", err)
 	}

@@ -2,6 +2,7 @@ package plan
 
 import (
 	"fmt"
+	"net/netip"
 	"sort"
 
 	"github.com/portguard/portguard/pkg/hostport"
@@ -15,6 +16,11 @@ type RepairResult struct {
 	Actions     []string         // what the transaction changes, in order, for humans
 	Skipped     []string         // problems repair leaves alone, and why
 	UnknownKeep []hostport.Owner // --keep owners with no claim in this family
+	// Removals records what Tx removes, one entry per owner's chain (or repeated jump),
+	// in the order of Actions; the CLI logs them once Tx has landed.
+	Removals []RepairRemoval
+	// ScopeOwnerSeen says a chain of the scope's owner exists in this family.
+	ScopeOwnerSeen bool
 }
 
 // Repair plans the fix of everything Audit reports, as one transaction:
@@ -43,6 +49,15 @@ type RepairResult struct {
 // live claimants of one port are both left alone and reported in Skipped (choose with
 // --keep). This is ADD's takeover rule (pkg/liveness).
 func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairResult, error) {
+	return RepairScoped(s, keep, j, RepairScope{})
+}
+
+// RepairScoped is Repair narrowed to the problems that involve scope's port and/or owner
+// (RepairScope); every other problem, and the restoring of shared rules (entry jumps,
+// SETMARK/MASQ), is left alone and reported in Skipped. Which claim keeps a contested
+// port is decided over the whole table, exactly as Repair does; only what is removed
+// is narrowed.
+func RepairScoped(s *state.State, keep map[hostport.Owner]bool, j Liveness, scope RepairScope) (RepairResult, error) {
 	an := analyze(s, keep, true, j)
 	res := RepairResult{Tx: &iptables.Tx{}, UnknownKeep: an.unknown}
 	sort.Slice(res.UnknownKeep, func(i, j int) bool { return res.UnknownKeep[i].String() < res.UnknownKeep[j].String() })
@@ -51,15 +66,46 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 	}
 	tx := res.Tx
 	act := func(format string, a ...any) { res.Actions = append(res.Actions, fmt.Sprintf(format, a...)) }
+	narrowed := !scope.IsZero()
+	leave := func(format string, a ...any) {
+		res.Skipped = append(res.Skipped, fmt.Sprintf("%s: %s; left alone (outside %s)", s.Family, fmt.Sprintf(format, a...), scope))
+	}
+	for _, a := range s.Attachments {
+		if !scope.Owner.IsZero() && a.Exists && scope.ownerIs(a) {
+			res.ScopeOwnerSeen = true
+		}
+	}
+	// judge records the liveness of a removed owner in its record, when repair has a judge.
+	judge := func(r *RepairRemoval, a *state.Attachment) {
+		if j == nil || a.Owner.IsZero() {
+			return
+		}
+		var dest netip.Addr
+		if len(a.Mappings) > 0 {
+			dest = a.Mappings[0].Dest.Addr()
+		}
+		ev := j.Owner(a.Owner, dest)
+		r.OwnerState, r.Evidence = string(ev.State), &ev
+	}
 	dnat := newSim(s.Table.Rules(state.DNATChain))
 
 	dupIndex := map[int]bool{}
 	for _, j := range an.dupJumps {
+		if !scope.jump(s, j) {
+			leave("rule %d of %s, a repeated jump into %s", j.Index+1, state.DNATChain, j.Target)
+			continue
+		}
 		why := fmt.Sprintf("delete repeated jump into %s", j.Target)
 		tx.DeleteRule(j.Rule, why)
 		dnat.delete(j.Rule)
 		dupIndex[j.Index] = true
 		act("%s: delete rule %d of %s, a repeated jump into %s", s.Family, j.Index+1, state.DNATChain, j.Target)
+		rec := RepairRemoval{Family: s.Family.String(), Owner: j.Owner, Chain: j.Target, Claims: []hostport.Claim{}, Destinations: []string{},
+			Rule: j.Rule.String(), Reasons: []string{KindDuplicateJump}}
+		if a := s.Attachments[j.Target]; a != nil {
+			judge(&rec, a)
+		}
+		res.Removals = append(res.Removals, rec)
 	}
 
 	// What each attachment loses.
@@ -67,14 +113,16 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 		mappings []state.Mapping
 		seen     map[string]bool
 		for_     hostport.Owner
+		reasons  map[string]bool
 	}
 	losses := map[*state.Attachment]*loss{}
-	lose := func(a *state.Attachment, m state.Mapping, why string) {
+	lose := func(a *state.Attachment, m state.Mapping, kind, why string) {
 		l := losses[a]
 		if l == nil {
-			l = &loss{seen: map[string]bool{}}
+			l = &loss{seen: map[string]bool{}, reasons: map[string]bool{}}
 			losses[a] = l
 		}
+		l.reasons[kind] = true
 		k := fmt.Sprintf("%s|%s", m.Claim, m.Dest)
 		if l.seen[k] {
 			return
@@ -95,12 +143,20 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 			if w != nil {
 				by = ownerText(w.owner, w.Chain)
 			}
-			lose(c.a, *c.m, fmt.Sprintf("remove claim %s -> %s (conflicts with %s, which is kept)", c.m.Claim, c.Destination, by))
+			if !scope.contest(c, w) {
+				leave("%s: claim %s -> %s (conflicts with %s)", ownerText(c.a.Owner, c.a.Chain), c.m.Claim, c.Destination, by)
+				continue
+			}
+			lose(c.a, *c.m, KindShadowedClaim, fmt.Sprintf("remove claim %s -> %s (conflicts with %s, which is kept)", c.m.Claim, c.Destination, by))
 			if w != nil && losses[c.a].for_.IsZero() {
 				losses[c.a].for_ = w.owner
 			}
 		case StatusNoDNAT:
-			lose(c.a, *c.m, fmt.Sprintf("remove jump port %s/%d (the chain has no DNAT rule for it)", c.m.Claim.Proto, c.m.Claim.HostPort))
+			if !scope.mismatch(an, c.a) {
+				leave("%s: jump port %s/%d without a DNAT rule", ownerText(c.a.Owner, c.a.Chain), c.m.Claim.Proto, c.m.Claim.HostPort)
+				continue
+			}
+			lose(c.a, *c.m, KindPortMismatch, fmt.Sprintf("remove jump port %s/%d (the chain has no DNAT rule for it)", c.m.Claim.Proto, c.m.Claim.HostPort))
 		}
 	}
 	for _, a := range s.AttachmentsSorted() {
@@ -110,7 +166,11 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 		}
 		for _, m := range a.Mappings {
 			if dead[portKey(m.Claim.Proto, m.Claim.HostPort)] {
-				lose(a, m, fmt.Sprintf("remove DNAT %s -> %s (no jump sends the port into the chain)", m.Claim, m.Dest))
+				if !scope.mismatch(an, a) {
+					leave("%s: DNAT %s -> %s without a jump", ownerText(a.Owner, a.Chain), m.Claim, m.Dest)
+					continue
+				}
+				lose(a, m, KindPortMismatch, fmt.Sprintf("remove DNAT %s -> %s (no jump sends the port into the chain)", m.Claim, m.Dest))
 			}
 		}
 	}
@@ -143,7 +203,25 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 			}
 		}
 		v.a = &ac
-		takeOver(tx, dnat, v, Desired{Family: s.Family, Owner: l.for_}, true) // repair holds the lock exclusively
+		t, _ := takeOver(tx, dnat, v, Desired{Family: s.Family, Owner: l.for_}, true) // repair holds the lock exclusively
+		rec := RepairRemoval{Family: t.Family, Owner: t.From, Chain: t.Chain, Claims: t.Claims, ChainRemoved: t.ChainRemoved}
+		for _, m := range v.lost { // a jump port without DNAT rule has no destination: ""
+			d := ""
+			if m.Dest.IsValid() {
+				d = m.Dest.String()
+			}
+			rec.Destinations = append(rec.Destinations, d)
+		}
+		if !l.for_.IsZero() {
+			f := l.for_
+			rec.KeptFor = &f
+		}
+		for k := range l.reasons {
+			rec.Reasons = append(rec.Reasons, k)
+		}
+		sort.Strings(rec.Reasons)
+		judge(&rec, a)
+		res.Removals = append(res.Removals, rec)
 		if v.removeAll {
 			removed[a] = true
 			act("%s: %s: nothing valid left: delete its jumps and the chain", s.Family, ownerText(a.Owner, a.Chain))
@@ -155,8 +233,19 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 			res.Skipped = append(res.Skipped, fmt.Sprintf("%s: orphan chain %s is referenced by non-CNI rule %s; left alone", s.Family, a.Chain, refs[0]))
 			continue
 		}
+		if !scope.chain(a) {
+			leave("orphan chain %s", a.Chain)
+			continue
+		}
 		tx.RemoveChain(a.Chain, "delete orphan chain "+a.Chain)
 		act("%s: delete orphan chain %s (no jump enters it)", s.Family, a.Chain)
+		rec := RepairRemoval{Family: s.Family.String(), Owner: a.Owner, Chain: a.Chain, Claims: []hostport.Claim{}, Destinations: []string{},
+			ChainRemoved: true, Reasons: []string{KindOrphanChain}}
+		for _, m := range a.Mappings {
+			rec.Claims = append(rec.Claims, m.Claim)
+			rec.Destinations = append(rec.Destinations, m.Dest.String())
+		}
+		res.Removals = append(res.Removals, rec)
 	}
 
 	claims, marks := false, false
@@ -179,7 +268,21 @@ func Repair(s *state.State, keep map[hostport.Owner]bool, j Liveness) (RepairRes
 			}
 		}
 	}
-	if claims {
+	if claims && narrowed {
+		// Shared rules involve no one port or owner: a narrowed repair reports what the
+		// whole repair would restore and leaves it.
+		var scratch iptables.Tx
+		ensureShared(&scratch, s, marks, false, an.markBit)
+		for _, op := range scratch.Ops {
+			switch op.Kind {
+			case iptables.Declare:
+				leave("missing shared chain %s", op.Chain)
+			case iptables.Append, iptables.Insert:
+				leave("missing shared rule -A %s %s", op.Chain, iptables.JoinArgs(op.Args))
+			}
+		}
+	}
+	if claims && !narrowed {
 		before := len(tx.Ops)
 		ensureShared(tx, s, marks, false, an.markBit)
 		for _, op := range tx.Ops[before:] {
