@@ -20,6 +20,15 @@ var ctlBin string
 
 func TestMain(m *testing.M) {
 	code := func() int {
+		// In-process commands judge owners too: never from this machine's real records.
+		evidence, err := os.MkdirTemp("", "pgc-evidence-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		defer os.RemoveAll(evidence)
+		os.Setenv("PORTGUARD_STATE_DIR", filepath.Join(evidence, "state"))
+		os.Setenv("PORTGUARD_CNI_CACHE_DIR", filepath.Join(evidence, "cni"))
 		if os.Geteuid() == 0 {
 			dir, err := os.MkdirTemp("", "pgc-bin-")
 			if err != nil {
@@ -109,11 +118,15 @@ func mustNS(t *testing.T, ns string, args ...string) string {
 	return r.stdout
 }
 
-// ctl runs portguardctl in the namespace with a private lock file.
+// ctl runs portguardctl in the namespace with a private lock file, and private (empty)
+// attachment records and libcni cache, so the liveness evidence is the test's own and never
+// another process's on the same machine (a demo's pods, another test's).
 func ctl(t *testing.T, ns string, args ...string) result {
 	t.Helper()
-	lockFile := filepath.Join(t.TempDir(), "portguard.lock")
-	return inNS(t, ns, []string{"PORTGUARD_LOCK_FILE=" + lockFile}, append([]string{ctlBin}, args...)...)
+	dir := t.TempDir()
+	env := []string{"PORTGUARD_LOCK_FILE=" + filepath.Join(dir, "portguard.lock"),
+		"PORTGUARD_STATE_DIR=" + filepath.Join(dir, "state"), "PORTGUARD_CNI_CACHE_DIR=" + filepath.Join(dir, "cni")}
+	return inNS(t, ns, env, append([]string{ctlBin}, args...)...)
 }
 
 // ipt runs one iptables command in the namespace, as upstream portmap (go-iptables) does:
