@@ -40,11 +40,6 @@ const (
 	BackendNFTables = "nftables"
 )
 
-// nftablesAccepted gates "backend": "nftables". It stays false (the key is refused) until
-// the nftables backend is wired; everything behind it (conditions parsed by pkg/nftcond
-// into Config.NFTConditions) is tested with it switched on.
-var nftablesAccepted = false
-
 const (
 	DefaultMarkBit     = 13
 	DefaultLockTimeout = 60 * time.Second
@@ -226,12 +221,21 @@ func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 		switch *raw.Backend {
 		case BackendIPTables:
 		case BackendNFTables:
-			if !nftablesAccepted {
-				return nil, invalid("backend", "nftables is not supported yet; use \"iptables\" or omit the key")
-			}
 			c.Backend = BackendNFTables
+			// The iptables backend's mark options have no meaning in the nftables table
+			// (it masquerades by conntrack state, not by a mark), and conflictPolicy allow
+			// asks for duplicate claims, which its maps cannot hold.
+			if raw.MarkMasqBit != nil {
+				return nil, invalid("markMasqBit", "is an option of the iptables backend; the nftables backend does not use a mark")
+			}
+			if raw.ExternalSetMarkChain != nil {
+				return nil, invalid("externalSetMarkChain", "is an option of the iptables backend; the nftables backend does not use a mark")
+			}
+			if raw.ConflictPolicy == PolicyAllow {
+				return nil, invalid("conflictPolicy", "allow (duplicate claims) is not possible with the nftables backend: a host port has one claim")
+			}
 		default:
-			return nil, invalid("backend", "unknown backend %q (want \"iptables\")", truncate(*raw.Backend))
+			return nil, invalid("backend", "unknown backend %q (want \"iptables\" or \"nftables\")", truncate(*raw.Backend))
 		}
 	}
 

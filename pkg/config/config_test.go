@@ -47,7 +47,10 @@ func TestBadInputNamesTheField(t *testing.T) {
 		`"markMasqBit":32`:                                         "markMasqBit",
 		`"markMasqBit":3,"externalSetMarkChain":"X"`:               "markMasqBit",
 		`"externalSetMarkChain":"A B"`:                             "externalSetMarkChain",
-		`"backend":"nftables"`:                                     "backend",
+		`"backend":"nft"`:                                          "backend",
+		`"backend":"nftables","markMasqBit":3`:                     "markMasqBit",
+		`"backend":"nftables","externalSetMarkChain":"X"`:          "externalSetMarkChain",
+		`"backend":"nftables","conflictPolicy":"allow"`:            "conflictPolicy",
 		`"conditionsV4":["-d","1.2.3.4","-j","ACCEPT"]`:            "conditionsV4[2]",
 		`"conditionsV4":["-m","comment","--comment","x\nCOMMIT"]`:  "conditionsV4[3]",
 		`"conditionsV6":["ip6 saddr ::1"]`:                         "conditionsV6",
@@ -212,25 +215,19 @@ func TestParseDelDropsRefusedConditions(t *testing.T) {
 	}
 }
 
-// withNFTables accepts "backend": "nftables" for one test, as it will be once the backend
-// is wired.
-func withNFTables(t *testing.T) {
-	t.Helper()
-	old := nftablesAccepted
-	nftablesAccepted = true
-	t.Cleanup(func() { nftablesAccepted = old })
-}
-
-func TestNFTablesBackendRefusedUntilWired(t *testing.T) {
-	if _, err := parse(t, `"backend":"nftables","conditionsV4":["ip saddr 192.0.2.1"]`); err == nil || !strings.Contains(err.Error(), "backend") {
-		t.Fatalf("backend nftables accepted before the backend is wired: %v", err)
+func TestNFTablesBackendSelected(t *testing.T) {
+	c, err := parse(t, `"backend":"nftables"`)
+	if err != nil || c.Backend != BackendNFTables {
+		t.Fatalf("backend nftables: %v, %v", c, err)
+	}
+	if c, err := parse(t, `"backend":"iptables","markMasqBit":3`); err != nil || c.Backend != BackendIPTables || c.MarkBit != 3 {
+		t.Fatalf("backend iptables with markMasqBit: %v, %v", c, err)
 	}
 }
 
 // With the nftables backend, conditions are nft matches parsed by pkg/nftcond into
 // NFTConditions, upstream's list-of-fragments form included; iptables Conditions stay empty.
 func TestNFTablesConditionsParsedIntoExpressions(t *testing.T) {
-	withNFTables(t)
 	c, err := parse(t, `"backend":"nftables","conditionsV4":["ip","saddr","{ 192.0.2.1, 10.0.0.0/8 }","iifname eth0"],"conditionsV6":["ip6 daddr != fd00::/8"]`)
 	if err != nil {
 		t.Fatal(err)
@@ -265,7 +262,6 @@ func TestNFTablesConditionsParsedIntoExpressions(t *testing.T) {
 }
 
 func TestNFTablesConditionsRefusalsNameTheItem(t *testing.T) {
-	withNFTables(t)
 	for body, want := range map[string]string{
 		`"conditionsV4":["ip saddr 192.0.2.1","accept"]`:           "conditionsV4[1]: \"accept\" is an nft statement",
 		`"conditionsV4":["ip saddr 192.0.2.1\nadd table ip x"]`:    "conditionsV4[0]: byte 0x0a",
@@ -293,7 +289,6 @@ func TestNFTablesConditionsRefusalsNameTheItem(t *testing.T) {
 
 // DEL under the nftables backend drops conditions ADD refuses, as under iptables.
 func TestNFTablesParseDelDropsRefusedConditions(t *testing.T) {
-	withNFTables(t)
 	in := []byte(`{"cniVersion":"1.0.0","name":"net","type":"portguard","backend":"nftables","conditionsV4":["ip saddr somehost"],"conditionsV6":["ip6 saddr fd00::1"]}`)
 	if _, err := Parse(in, "eth0"); err == nil {
 		t.Fatal("Parse accepted a host name in conditionsV4")

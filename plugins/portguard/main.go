@@ -18,6 +18,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/portguard/portguard/pkg/backend"
+	nftbackend "github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/buildinfo"
 	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/config"
@@ -42,6 +43,19 @@ func main() {
 // newEngine makes the engine of a call; tests replace it to run the verbs against a fake
 // nat table (pkg/iptables/iptablestest).
 var newEngine = engine.New
+
+// newNFTEngine makes the engine of a call with "backend": "nftables".
+var newNFTEngine = func(lockTimeout time.Duration) *engine.Engine {
+	return engine.NewWith(nftbackend.New(), lockTimeout)
+}
+
+// engineFor picks the engine of c's backend.
+func engineFor(c *config.Config) *engine.Engine {
+	if c.Backend == config.BackendNFTables {
+		return newNFTEngine(c.LockTimeout)
+	}
+	return newEngine(c.LockTimeout)
+}
 
 // load validates the call's input with parse (config.Parse, or config.ParseDel for DEL);
 // nothing is touched before it passes.
@@ -70,7 +84,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	if err := needPodIP(c, args.IfName); err != nil {
 		return err
 	}
-	e := newEngine(c.LockTimeout)
+	e := engineFor(c)
 	e.OnTakeover = takeoverLogger(c.LogFile)
 	e.Judge = liveness.New(c.CNICacheDir)
 	e.Sandbox = liveness.Record{Netns: args.Netns, IfName: args.IfName}
@@ -101,7 +115,7 @@ func cmdDel(args *skel.CmdArgs) error {
 	if len(c.Mappings) == 0 && !attachmentMayExist(c) {
 		return nil
 	}
-	e := newEngine(c.LockTimeout)
+	e := engineFor(c)
 	e.Judge = liveness.New(c.CNICacheDir)
 	if err := e.Del(c, owner); err != nil {
 		return err
@@ -136,7 +150,7 @@ func cmdCheck(args *skel.CmdArgs) error {
 	if err := needPodIP(c, args.IfName); err != nil {
 		return err
 	}
-	return newEngine(c.LockTimeout).Check(c, owner)
+	return engineFor(c).Check(c, owner)
 }
 
 func cmdGC(args *skel.CmdArgs) error {
@@ -148,7 +162,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	for _, a := range c.Raw.ValidAttachments {
 		valid[a.ContainerID] = true
 	}
-	e := newEngine(c.LockTimeout)
+	e := engineFor(c)
 	e.Judge = liveness.New(c.CNICacheDir)
 	// GC goes by the runtime's valid-attachments list (CNI spec); the evidence is for the
 	// log, gathered before GC removes the records it rests on (the Judge keeps verdicts).
@@ -178,7 +192,7 @@ func cmdStatus(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	return newEngine(c.LockTimeout).Status()
+	return engineFor(c).Status()
 }
 
 // needPodIP refuses host ports for a pod prevResult gives no address: upstream silently

@@ -1,0 +1,163 @@
+package takeover
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/portguard/portguard/test/testbed"
+)
+
+// nftNet is a portguard network with "backend": "nftables".
+func nftNet(b *testbed.Bed, c testbed.NetConfig) *testbed.Network {
+	n, _ := pgNet(b, c, map[string]any{"backend": "nftables"})
+	return n
+}
+
+// nftTable lists portguard's table in the node netns ("" when there is none).
+func nftTable(t *testing.T, b *testbed.Bed) string {
+	t.Helper()
+	out, err := b.Exec(b.Node, "nft", "list", "table", "inet", "portguard")
+	if err != nil {
+		return ""
+	}
+	return out
+}
+
+// wantNoIPTablesClaims asserts that the nftables backend wrote nothing into iptables.
+func wantNoIPTablesClaims(t *testing.T, b *testbed.Bed) {
+	t.Helper()
+	for _, f := range families {
+		if d := b.DNChains(f); len(d) != 0 {
+			t.Errorf("%s: iptables CNI-DN chains %v with the nftables backend", f, d)
+		}
+	}
+}
+
+// With "backend": "nftables" the plugin forwards TCP and UDP host ports in both families
+// from its inet table, CHECK passes, a re-ADD of the same attachment changes nothing, CHECK
+// fails once an element is deleted behind its back, and DEL removes every element of the
+// attachment (and is idempotent).
+func TestNFTablesVerbs(t *testing.T) {
+	b := newBed(t)
+	n := nftNet(b, testbed.NetConfig{})
+	p := b.NewPod("A")
+	p.Serve(80)
+	prev := n.MustAdd(p, testbed.TCP(8080, 80), testbed.UDP(8080, 80))
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8080, "A")
+		wantAnswer(t, b, "udp", b.NodeIP(f), 8080, "A")
+	}
+	wantNoIPTablesClaims(t, b)
+	if err := n.Check(p); err != nil {
+		t.Errorf("CHECK right after ADD: %v", err)
+	}
+	before := nftTable(t, b)
+	if !strings.Contains(before, p.ContainerID) {
+		t.Fatalf("no element of %s in the table:\n%s", p.ContainerID, before)
+	}
+	if res, err := reAdd(t, b, n, p, prev.Stdout, testbed.TCP(8080, 80), testbed.UDP(8080, 80)); err != nil {
+		t.Fatalf("re-ADD: %v\n%s", err, res.Stderr)
+	}
+	if after := nftTable(t, b); after != before {
+		t.Errorf("re-ADD changed the table:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+
+	b.MustExec(b.Node, "nft", "delete", "element", "inet", "portguard", "any4", "{ tcp . 8080 }")
+	if err := n.Check(p); err == nil {
+		t.Errorf("CHECK passed with the IPv4 TCP element deleted")
+	}
+	wantNoAnswerFrom(t, b, "tcp", b.NodeIP4, 8080, "A")
+	wantAnswer(t, b, "tcp", b.NodeIP6, 8080, "A")
+
+	n.MustDel(p)
+	if tbl := nftTable(t, b); strings.Contains(tbl, p.ContainerID) {
+		t.Errorf("DEL left elements of %s:\n%s", p.ContainerID, tbl)
+	}
+	for _, f := range families {
+		wantNoAnswerFrom(t, b, "tcp", b.NodeIP(f), 8080, "A")
+	}
+	n.MustDel(p) // idempotent
+}
+
+// A pod killed without DEL leaves its claim; the next pod asking for the port takes it
+// over and answers in both families, and nothing of the dead pod stays in the table.
+func TestNFTablesStaleClaimTakenOver(t *testing.T) {
+	b := newBed(t)
+	n := nftNet(b, testbed.NetConfig{})
+	a := b.NewPod("A")
+	a.Serve(80)
+	n.MustAdd(a, testbed.TCP(8081, 80))
+	wantAnswer(t, b, "tcp", b.NodeIP4, 8081, "A")
+	a.Kill()
+
+	c := b.NewPod("B")
+	c.Serve(80)
+	n.MustAdd(c, testbed.TCP(8081, 80))
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8081, "B")
+	}
+	if tbl := nftTable(t, b); strings.Contains(tbl, a.ContainerID) {
+		t.Errorf("the dead pod's elements stayed:\n%s", tbl)
+	}
+	if err := n.Check(c); err != nil {
+		t.Errorf("CHECK of the new owner: %v", err)
+	}
+}
+
+// A live owner keeps its port: the contender's ADD fails with code 100 and changes
+// nothing, and the contender's DEL leaves the owner answering.
+func TestNFTablesLiveOwnerKeepsItsPort(t *testing.T) {
+	b := newBed(t)
+	n := nftNet(b, testbed.NetConfig{})
+	a := b.NewPod("A")
+	a.Serve(80)
+	n.MustAdd(a, testbed.TCP(8082, 80))
+	before := nftTable(t, b)
+
+	c := b.NewPod("B")
+	c.Serve(80)
+	prev := n.MustAdd(c)
+	res, err := reAdd(t, b, n, c, prev.Stdout, testbed.TCP(8082, 80))
+	if err == nil {
+		t.Fatalf("ADD of B on A's live port succeeded:\n%s", res.Stderr)
+	}
+	var cniErr struct {
+		Code int `json:"code"`
+	}
+	if json.Unmarshal([]byte(res.Stdout), &cniErr) != nil || cniErr.Code != refusedCode {
+		t.Errorf("refused ADD: stdout %q, want a CNI error with code %d", res.Stdout, refusedCode)
+	}
+	if after := nftTable(t, b); after != before {
+		t.Errorf("refused ADD changed the table:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	n.MustDel(c)
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8082, "A")
+	}
+	if err := n.Check(a); err != nil {
+		t.Errorf("CHECK of the owner after the contender's DEL: %v", err)
+	}
+}
+
+// GC removes the elements of attachments the runtime no longer lists, and keeps the valid.
+func TestNFTablesGC(t *testing.T) {
+	b := newBed(t)
+	n := nftNet(b, testbed.NetConfig{})
+	a, c := b.NewPod("A"), b.NewPod("B")
+	a.Serve(80)
+	c.Serve(80)
+	n.MustAdd(a, testbed.TCP(8083, 80))
+	n.MustAdd(c, testbed.TCP(8084, 80))
+	if res, err := gcCall(t, b, n, c); err != nil {
+		t.Fatalf("GC: %v\n%s", err, res.Stderr)
+	}
+	tbl := nftTable(t, b)
+	if strings.Contains(tbl, a.ContainerID) {
+		t.Errorf("GC left the invalid owner's elements:\n%s", tbl)
+	}
+	wantNoAnswerFrom(t, b, "tcp", b.NodeIP4, 8083, "A")
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8084, "B")
+	}
+}
