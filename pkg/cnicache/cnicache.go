@@ -89,11 +89,13 @@ func Entries(dir, network string) []Entry {
 	return out
 }
 
-// Lookup returns the cached attachments of o (one per interface).
+// Lookup returns the cached attachments of o (one per interface). An owner without a
+// network (upstream's nftables rules name only the container ID) matches the container's
+// attachments in every network: any of them alive keeps its claim.
 func Lookup(dir string, o hostport.Owner) []Entry {
 	var out []Entry
 	for _, e := range Entries(dir, o.Network) {
-		if e.Owner == o {
+		if e.Owner == o || (o.Network == "" && e.Owner.ContainerID == o.ContainerID) {
 			out = append(out, e)
 		}
 	}

@@ -161,3 +161,60 @@ func TestNFTablesGC(t *testing.T) {
 		wantAnswer(t, b, "tcp", b.NodeIP(f), 8084, "B")
 	}
 }
+
+// Upstream portmap's nftables backend (v1.10.0, tables ip/ip6 cni_hostport) left a claim:
+// a dead pod's rule is taken over in the same batch that installs the new claim, and the new
+// pod answers in both families; a live pod's rule refuses the ADD and keeps answering.
+func TestNFTablesUpstreamClaims(t *testing.T) {
+	b := newBed(t)
+	up := b.Network(testbed.NetConfig{PortPlugin: "portmap", PortConf: map[string]any{"backend": "nftables"}})
+	n := nftNet(b, testbed.NetConfig{Bridge: "cni1"})
+	upstreamRules := func() string {
+		out := ""
+		for _, fam := range []string{"ip", "ip6"} {
+			o, _ := b.Exec(b.Node, "nft", "list", "table", fam, "cni_hostport")
+			out += o
+		}
+		return out
+	}
+
+	live := b.NewPod("L")
+	live.Serve(80)
+	up.MustAdd(live, testbed.TCP(8086, 80))
+	wantAnswer(t, b, "tcp", b.NodeIP4, 8086, "L")
+	c := b.NewPod("C")
+	c.Serve(80)
+	if _, err := n.Add(c, testbed.TCP(8086, 80)); err == nil {
+		t.Errorf("ADD on the port of a live upstream pod succeeded")
+	}
+	if tbl := nftTable(t, b); strings.Contains(tbl, c.ContainerID) {
+		t.Errorf("refused ADD left elements:\n%s", tbl)
+	}
+	n.MustDel(c)
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8086, "L")
+	}
+
+	dead := b.NewPod("D")
+	dead.Serve(80)
+	up.MustAdd(dead, testbed.TCP(8087, 80))
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8087, "D")
+	}
+	if !strings.Contains(upstreamRules(), dead.ContainerID) {
+		t.Fatalf("upstream wrote no rule of %s:\n%s", dead.ContainerID, upstreamRules())
+	}
+	dead.Kill()
+	p := b.NewPod("B")
+	p.Serve(80)
+	n.MustAdd(p, testbed.TCP(8087, 80))
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8087, "B")
+	}
+	if r := upstreamRules(); strings.Contains(r, dead.ContainerID) {
+		t.Errorf("the dead pod's upstream rules stayed:\n%s", r)
+	}
+	if err := n.Check(p); err != nil {
+		t.Errorf("CHECK after the takeover: %v", err)
+	}
+}
