@@ -40,6 +40,12 @@ const (
 	BackendNFTables = "nftables"
 )
 
+// DefaultBackend picks the backend of a configuration without the backend key (nil:
+// BackendIPTables). The plugin sets it to its probe of the node (upstream's rule: nftables
+// when iptables is unusable and nf_tables works); it is a hook so this package stays free
+// of the node.
+var DefaultBackend func() string
+
 const (
 	DefaultMarkBit     = 13
 	DefaultLockTimeout = 60 * time.Second
@@ -219,23 +225,26 @@ func parseConf(stdin []byte, ifName string, strict bool) (*Config, error) {
 
 	if raw.Backend != nil {
 		switch *raw.Backend {
-		case BackendIPTables:
-		case BackendNFTables:
-			c.Backend = BackendNFTables
-			// The iptables backend's mark options have no meaning in the nftables table
-			// (it masquerades by conntrack state, not by a mark), and conflictPolicy allow
-			// asks for duplicate claims, which its maps cannot hold.
-			if raw.MarkMasqBit != nil {
-				return nil, invalid("markMasqBit", "is an option of the iptables backend; the nftables backend does not use a mark")
-			}
-			if raw.ExternalSetMarkChain != nil {
-				return nil, invalid("externalSetMarkChain", "is an option of the iptables backend; the nftables backend does not use a mark")
-			}
-			if raw.ConflictPolicy == PolicyAllow {
-				return nil, invalid("conflictPolicy", "allow (duplicate claims) is not possible with the nftables backend: a host port has one claim")
-			}
+		case BackendIPTables, BackendNFTables:
+			c.Backend = *raw.Backend
 		default:
 			return nil, invalid("backend", "unknown backend %q (want \"iptables\" or \"nftables\")", truncate(*raw.Backend))
+		}
+	} else if DefaultBackend != nil {
+		c.Backend = DefaultBackend()
+	}
+	if c.Backend == BackendNFTables {
+		// The iptables backend's mark options have no meaning in the nftables table (it
+		// masquerades by conntrack state, not by a mark), and conflictPolicy allow asks
+		// for duplicate claims, which its maps cannot hold.
+		if raw.MarkMasqBit != nil {
+			return nil, invalid("markMasqBit", "is an option of the iptables backend; the nftables backend does not use a mark")
+		}
+		if raw.ExternalSetMarkChain != nil {
+			return nil, invalid("externalSetMarkChain", "is an option of the iptables backend; the nftables backend does not use a mark")
+		}
+		if raw.ConflictPolicy == PolicyAllow {
+			return nil, invalid("conflictPolicy", "allow (duplicate claims) is not possible with the nftables backend: a host port has one claim")
 		}
 	}
 

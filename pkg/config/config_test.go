@@ -215,6 +215,23 @@ func TestParseDelDropsRefusedConditions(t *testing.T) {
 	}
 }
 
+// Without the backend key DefaultBackend picks it, and the nftables backend's refusals hold
+// for a picked backend too; the key, when set, wins.
+func TestDefaultBackendHook(t *testing.T) {
+	old := DefaultBackend
+	DefaultBackend = func() string { return BackendNFTables }
+	t.Cleanup(func() { DefaultBackend = old })
+	if c, err := parse(t, `"snat":true`); err != nil || c.Backend != BackendNFTables {
+		t.Fatalf("backend unset, nftables picked: %v, %v", c, err)
+	}
+	if _, err := parse(t, `"markMasqBit":3`); err == nil || !strings.Contains(err.Error(), "markMasqBit") {
+		t.Errorf("markMasqBit with nftables picked: %v, want refused naming the field", err)
+	}
+	if c, err := parse(t, `"backend":"iptables","markMasqBit":3`); err != nil || c.Backend != BackendIPTables {
+		t.Errorf("backend iptables set: %v, %v", c, err)
+	}
+}
+
 func TestNFTablesBackendSelected(t *testing.T) {
 	c, err := parse(t, `"backend":"nftables"`)
 	if err != nil || c.Backend != BackendNFTables {

@@ -11,6 +11,7 @@ import (
 	"log"
 	"net/netip"
 	"os"
+	"os/exec"
 	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
@@ -30,6 +31,7 @@ import (
 )
 
 func main() {
+	config.DefaultBackend = probeBackend
 	skel.PluginMainFuncs(skel.CNIFuncs{
 		Add:    cmdAdd,
 		Del:    cmdDel,
@@ -47,6 +49,22 @@ var newEngine = engine.New
 // newNFTEngine makes the engine of a call with "backend": "nftables".
 var newNFTEngine = func(lockTimeout time.Duration) *engine.Engine {
 	return engine.NewWith(nftbackend.New(), lockTimeout)
+}
+
+// probeBackend is the backend of a configuration without the backend key: upstream's rule,
+// nftables when iptables is unusable and nf_tables works, iptables otherwise. Unusable here
+// means no iptables binary in PATH: upstream also runs `iptables --version` and `iptables -S
+// INPUT 1`, but two processes on every call of every iptables node would undo the process
+// budget of the iptables backend, and a node whose iptables is installed but broken fails
+// loudly in the iptables backend instead of silently changing backend.
+func probeBackend() string {
+	if _, err := exec.LookPath("iptables"); err == nil {
+		return config.BackendIPTables
+	}
+	if nftbackend.New().Status() == nil {
+		return config.BackendNFTables
+	}
+	return config.BackendIPTables
 }
 
 // engineFor picks the engine of c's backend.
