@@ -3,27 +3,45 @@
 package conntrack
 
 import (
-	"errors"
 	"fmt"
 
-	"github.com/containernetworking/plugins/pkg/utils"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/portguard/portguard/pkg/hostport"
 )
 
-// FlushUDP deletes the conntrack entries whose original destination port is one of ports.
+// udp is IPPROTO_UDP, the protocol the filters match.
+const udp = 17
+
+// FlushUDP deletes the conntrack entries of family f whose protocol is UDP and whose
+// original destination port is one of ports. All ports go in one call: the kernel's
+// conntrack table is dumped once and each entry tested against every port's filter, where
+// upstream's utils.DeleteConntrackEntriesForDstPort dumps it once per port. (Going to
+// netlinksafe directly also keeps plugins/pkg/utils, and with it go-iptables and knftables,
+// out of the plugin.) Errors name the family and ports.
 func FlushUDP(f hostport.Family, ports []int) error {
+	if len(ports) == 0 {
+		return nil
+	}
 	fam := netlink.InetFamily(unix.AF_INET)
 	if f == hostport.V6 {
 		fam = unix.AF_INET6
 	}
-	var errs []error
+	filters := make([]netlink.CustomConntrackFilter, 0, len(ports))
 	for _, p := range ports {
-		if err := utils.DeleteConntrackEntriesForDstPort(uint16(p), utils.PROTOCOL_UDP, fam); err != nil {
-			errs = append(errs, fmt.Errorf("%s udp/%d: %w", f, p, err))
+		flt := &netlink.ConntrackFilter{}
+		if err := flt.AddProtocol(udp); err != nil {
+			return fmt.Errorf("%s udp/%d: %w", f, p, err)
 		}
+		if err := flt.AddPort(netlink.ConntrackOrigDstPort, uint16(p)); err != nil {
+			return fmt.Errorf("%s udp/%d: %w", f, p, err)
+		}
+		filters = append(filters, flt)
 	}
-	return errors.Join(errs...)
+	if _, err := netlinksafe.ConntrackDeleteFilters(netlink.ConntrackTable, fam, filters...); err != nil {
+		return fmt.Errorf("%s: deleting conntrack entries of udp ports %v: %w", f, ports, err)
+	}
+	return nil
 }

