@@ -2,6 +2,7 @@ package takeover
 
 import (
 	"encoding/json"
+	"net"
 	"strings"
 	"testing"
 
@@ -216,5 +217,29 @@ func TestNFTablesUpstreamClaims(t *testing.T) {
 	}
 	if err := n.Check(p); err != nil {
 		t.Errorf("CHECK after the takeover: %v", err)
+	}
+}
+
+// conditionsV4 hold per attachment, never table-wide: a network whose condition excludes
+// the client does not forward it, while another network's pod (no conditions) still
+// answers the same client, and the excluded network still forwards IPv6 (no conditionsV6).
+func TestNFTablesConditionsPerNetwork(t *testing.T) {
+	b := newBed(t)
+	client := net.IP(append([]byte(nil), b.NodeIP4.To4()...))
+	client[3] = 2
+	n1, _ := pgNet(b, testbed.NetConfig{}, map[string]any{"backend": "nftables", "conditionsV4": []string{"ip saddr != " + client.String()}})
+	n2 := nftNet(b, testbed.NetConfig{Bridge: "cni1"})
+	a, c := b.NewPod("A"), b.NewPod("B")
+	a.Serve(80)
+	c.Serve(80)
+	n1.MustAdd(a, testbed.TCP(8088, 80))
+	n2.MustAdd(c, testbed.TCP(8089, 80))
+	wantNoAnswerFrom(t, b, "tcp", b.NodeIP4, 8088, "A")
+	wantAnswer(t, b, "tcp", b.NodeIP6, 8088, "A")
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8089, "B")
+	}
+	if err := n1.Check(a); err != nil {
+		t.Errorf("CHECK with conditions: %v", err)
 	}
 }
