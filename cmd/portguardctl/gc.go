@@ -10,6 +10,7 @@ import (
 	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/liveness"
 )
 
 const gcHelp = `Usage: portguardctl gc --network NAME (--valid ID[/IFNAME] ... | --remove-all)
@@ -58,7 +59,14 @@ func cmdGC(args []string, stdout, stderr io.Writer) error {
 		valid[id] = true
 	}
 	e := engine.NewWith(iptbackend.New(newRunner(*timeout)), *timeout)
-	removed, err := e.GC(*network, valid, cnicache.Owners(cnicache.Dir(), *network))
+	// As the plugin's GC: the owners portguard recorded are suspects too, and the records
+	// of collected owners go with their rules.
+	e.Judge = liveness.New()
+	suspects := cnicache.Owners(cnicache.Dir(), *network)
+	for _, r := range e.Judge.Records.All() {
+		suspects = append(suspects, r.Owner)
+	}
+	removed, err := e.GC(*network, valid, suspects)
 	for _, o := range removed {
 		fmt.Fprintf(stdout, "removed %s (chain %s)\n", o, hostport.ChainName(o))
 	}

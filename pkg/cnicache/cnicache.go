@@ -8,10 +8,13 @@ package cnicache
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/portguard/portguard/pkg/hostport"
 )
@@ -50,15 +53,42 @@ type file struct {
 	} `json:"result"`
 }
 
-// read parses one cache file; ok is false for unreadable, oversized or foreign files and
-// for names outside the CNI grammar (they never reach a rule or a message).
+// maxFile bounds what is read of one cache file (libcni's hold a result and a config).
+const maxFile = 1 << 20
+
+// ReadRegular reads a regular file of at most max bytes. It follows no symbolic link and
+// never blocks on a FIFO or device, so a hostile file in a directory portguard reads can
+// neither hang nor exhaust it.
+func ReadRegular(path string, max int64) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !st.Mode().IsRegular() || st.Size() > max {
+		return nil, fmt.Errorf("%s: not a regular file of at most %d bytes", path, max)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, max+1))
+	if err == nil && int64(len(b)) > max {
+		err = fmt.Errorf("%s: larger than %d bytes", path, max)
+	}
+	return b, err
+}
+
+// read parses one cache file; ok is false for unreadable, oversized, non-regular or foreign
+// files and for names outside the CNI grammar (they never reach a rule or a message).
 func read(path string) (Entry, bool) {
-	b, err := os.ReadFile(path)
-	if err != nil || len(b) > 1<<20 {
+	b, err := ReadRegular(path, maxFile)
+	if err != nil {
 		return Entry{}, false
 	}
 	var f file
-	if json.Unmarshal(b, &f) != nil || !hostport.ValidNetworkName(f.NetworkName) || !hostport.ValidContainerID(f.ContainerID) {
+	if json.Unmarshal(b, &f) != nil || (f.Kind != "" && f.Kind != "cniCacheV1") ||
+		!hostport.ValidNetworkName(f.NetworkName) || !hostport.ValidContainerID(f.ContainerID) {
 		return Entry{}, false
 	}
 	e := Entry{Owner: hostport.Owner{Network: f.NetworkName, ContainerID: f.ContainerID}, IfName: f.IfName, Netns: f.Netns, Path: path}
@@ -89,13 +119,23 @@ func Entries(dir, network string) []Entry {
 	return out
 }
 
-// Lookup returns the cached attachments of o (one per interface). An owner without a
-// network (upstream's nftables rules name only the container ID) matches the container's
-// attachments in every network: any of them alive keeps its claim.
+// Lookup returns the cached attachments of o (one per interface): only the files named
+// <network>-<containerID>-*, so judging one owner costs its own files, not the network's.
+// An owner without a network (upstream's nftables rules name only the container ID)
+// matches the container's attachments in every network: any of them alive keeps its claim.
+// An owner outside the CNI grammar has none (its names never become a pattern).
 func Lookup(dir string, o hostport.Owner) []Entry {
+	if !hostport.ValidContainerID(o.ContainerID) || (o.Network != "" && !hostport.ValidNetworkName(o.Network)) {
+		return nil
+	}
+	network := o.Network
+	if network == "" {
+		network = "*"
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "results", network+"-"+o.ContainerID+"-*"))
 	var out []Entry
-	for _, e := range Entries(dir, o.Network) {
-		if e.Owner == o || (o.Network == "" && e.Owner.ContainerID == o.ContainerID) {
+	for _, f := range files {
+		if e, ok := read(f); ok && (e.Owner == o || (o.Network == "" && e.Owner.ContainerID == o.ContainerID)) {
 			out = append(out, e)
 		}
 	}

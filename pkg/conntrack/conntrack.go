@@ -4,6 +4,8 @@ package conntrack
 
 import (
 	"fmt"
+	"net"
+	"net/netip"
 
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
@@ -16,12 +18,15 @@ import (
 const udp = 17
 
 // FlushUDP deletes the conntrack entries of family f whose protocol is UDP and whose
-// original destination port is one of ports. All ports go in one call: the kernel's
+// original destination port is one of ports; with a valid pod address, only the flows that
+// address answers (reply source), i.e. the ones DNATed to that pod — DEL passes it, so the
+// DEL of a container whose ADD was refused never cuts the flows of the port's live owner.
+// ADD passes none: every flow to the port must move to the new pod. All ports go in one call: the kernel's
 // conntrack table is dumped once and each entry tested against every port's filter, where
 // upstream's utils.DeleteConntrackEntriesForDstPort dumps it once per port. (Going to
 // netlinksafe directly also keeps plugins/pkg/utils, and with it go-iptables and knftables,
 // out of the plugin.) Errors name the family and ports.
-func FlushUDP(f hostport.Family, ports []int) error {
+func FlushUDP(f hostport.Family, ports []int, pod netip.Addr) error {
 	if len(ports) == 0 {
 		return nil
 	}
@@ -37,6 +42,11 @@ func FlushUDP(f hostport.Family, ports []int) error {
 		}
 		if err := flt.AddPort(netlink.ConntrackOrigDstPort, uint16(p)); err != nil {
 			return fmt.Errorf("%s udp/%d: %w", f, p, err)
+		}
+		if pod.IsValid() {
+			if err := flt.AddIP(netlink.ConntrackReplySrcIP, net.IP(pod.AsSlice())); err != nil {
+				return fmt.Errorf("%s udp/%d: %w", f, p, err)
+			}
 		}
 		filters = append(filters, flt)
 	}

@@ -99,6 +99,9 @@ func (e *Engine) record(c *config.Config, owner hostport.Owner, fams []hostport.
 	}
 	r := e.Sandbox
 	r.Owner, r.Addrs = owner, nil
+	if r.NetnsID == (liveness.NetnsID{}) {
+		r.NetnsID = liveness.IdentifyNetns(r.Netns)
+	}
 	for _, f := range fams {
 		r.Addrs = append(r.Addrs, c.PodIPs[f].Addr())
 	}

@@ -63,6 +63,11 @@ type Judge struct {
 
 	nsPIDs  map[nsID]int // namespace -> one process in it; nil until first needed
 	procErr error
+	// hidden counts processes whose namespace could not be read (not because they had
+	// exited), e.g. a process an LSM or a container runtime hides. They are named in the
+	// verdict, not counted as alive: some hosts always have one (a sandbox's pid 1), and
+	// treating them as "may be in any namespace" would make every empty namespace unknown.
+	hidden  int
 	verdict map[verdictKey]Evidence
 	holders map[netip.Addr][]hostport.Owner // nil until Holders is first called
 }
@@ -90,17 +95,18 @@ func New(extra ...string) *Judge {
 type sandbox struct {
 	source, netns, ifName string
 	addrs                 []netip.Addr
+	id                    NetnsID // zero when the record does not say
 }
 
 // sandboxes lists o's records: portguard's own, then every libcni cache entry.
 func (j *Judge) sandboxes(o hostport.Owner) []sandbox {
 	var out []sandbox
 	if r, ok := j.Records.Get(o); ok {
-		out = append(out, sandbox{"portguard", r.Netns, r.IfName, r.Addrs})
+		out = append(out, sandbox{"portguard", r.Netns, r.IfName, r.Addrs, r.NetnsID})
 	}
 	for _, d := range j.CacheDirs {
 		for _, e := range cnicache.Lookup(d, o) {
-			out = append(out, sandbox{e.Path, e.Netns, e.IfName, e.Addrs})
+			out = append(out, sandbox{source: e.Path, netns: e.Netns, ifName: e.IfName, addrs: e.Addrs})
 		}
 	}
 	return out
@@ -126,6 +132,10 @@ func (j *Judge) Owner(o hostport.Owner, dest netip.Addr) Evidence {
 func (j *Judge) judge(o hostport.Owner, dest netip.Addr) Evidence {
 	if o.IsZero() {
 		return Evidence{State: Stale, Reason: "the claim names no owner (its jump has no upstream comment)"}
+	}
+	if !hostport.ValidContainerID(o.ContainerID) || (o.Network != "" && !hostport.ValidNetworkName(o.Network)) {
+		// Only CNI-grammar names ever reach a path; such an owner has no record.
+		return Evidence{State: Stale, Reason: "the claim's owner is outside the CNI grammar, so nothing records it"}
 	}
 	boxes := j.sandboxes(o)
 	if len(boxes) == 0 {
@@ -172,11 +182,17 @@ func (j *Judge) inspect(b sandbox, dest netip.Addr) Evidence {
 		// An unmounted bind target (the namespace file of a deleted netns) is a plain file.
 		return verdict(Stale, "%s is no longer a network namespace", b.netns)
 	}
+	if b.id != (NetnsID{}) && b.id != (NetnsID{uint64(st.Dev), st.Ino}) {
+		return verdict(Stale, "%s now names another network namespace than the one recorded", b.netns)
+	}
 	pid, err := j.processIn(nsID{uint64(st.Dev), st.Ino})
 	if err != nil {
 		return verdict(Unknown, "cannot list processes: %v", err)
 	}
 	if pid == 0 {
+		if j.hidden > 0 {
+			return verdict(Stale, "no process lives in network namespace %s (the namespaces of %d processes could not be read)", b.netns, j.hidden)
+		}
 		return verdict(Stale, "no process lives in network namespace %s", b.netns)
 	}
 	ev.PID = pid
@@ -206,24 +222,27 @@ func ifText(ifName string) string {
 // table is read once per Judge: stat of /proc/<pid>/ns/net for every process, ~1 µs each.
 func (j *Judge) processIn(id nsID) (int, error) {
 	if j.nsPIDs == nil && j.procErr == nil {
-		j.nsPIDs, j.procErr = scanProcs(j.Proc)
+		j.nsPIDs, j.hidden, j.procErr = scanProcs(j.Proc)
 	}
 	return j.nsPIDs[id], j.procErr
 }
 
-func scanProcs(proc string) (map[nsID]int, error) {
+// scanProcs maps each network namespace to one process in it, and counts the processes
+// whose namespace could not be read for another reason than having exited meanwhile.
+func scanProcs(proc string) (map[nsID]int, int, error) {
 	if proc == "" {
 		proc = "/proc"
 	}
 	d, err := os.Open(proc)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer d.Close()
 	names, err := d.Readdirnames(-1)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	hidden := 0
 	self := os.Getpid()
 	out := map[nsID]int{}
 	for _, n := range names {
@@ -232,15 +251,18 @@ func scanProcs(proc string) (map[nsID]int, error) {
 			continue
 		}
 		var st syscall.Stat_t
-		if syscall.Stat(filepath.Join(proc, n, "ns", "net"), &st) != nil {
-			continue // gone meanwhile, or a kernel thread
+		if err := syscall.Stat(filepath.Join(proc, n, "ns", "net"), &st); err != nil {
+			if !errors.Is(err, syscall.ENOENT) && !errors.Is(err, syscall.ESRCH) {
+				hidden++ // e.g. EACCES: a process we may not look at
+			}
+			continue // gone meanwhile
 		}
 		k := nsID{uint64(st.Dev), st.Ino}
 		if _, ok := out[k]; !ok {
 			out[k] = pid
 		}
 	}
-	return out, nil
+	return out, hidden, nil
 }
 
 // holds reports which address the interface ifName in the namespace at path holds: dest

@@ -160,3 +160,22 @@ func BenchmarkJudge(b *testing.B) {
 		})
 	}
 }
+
+// A recorded namespace identity that no longer matches the path (a recycled
+// /proc/<pid>/ns/net, a new netns under an old name) is stale; an owner outside the CNI
+// grammar has no record.
+func TestJudgeRecordedNamespaceIdentity(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to enter a network namespace")
+	}
+	const ns = "/proc/self/ns/net"
+	id := IdentifyNetns(ns)
+	if id == (NetnsID{}) {
+		t.Fatal("no identity for the test's own namespace")
+	}
+	r := &Record{Owner: owner, Netns: ns, IfName: "lo", NetnsID: id}
+	wantVerdict(t, judgeWith(t, r, "").Owner(owner, netip.MustParseAddr("127.0.0.1")), Alive, "holds 127.0.0.1")
+	r.NetnsID.Ino++
+	wantVerdict(t, judgeWith(t, r, "").Owner(owner, netip.MustParseAddr("127.0.0.1")), Stale, "another network namespace")
+	wantVerdict(t, judgeWith(t, nil, "").Owner(hostport.Owner{Network: "net", ContainerID: "../x"}, netip.Addr{}), Stale, "outside the CNI grammar")
+}

@@ -18,8 +18,10 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
+	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/hostport"
 )
 
@@ -49,6 +51,26 @@ type Record struct {
 	Addrs []netip.Addr `json:"addresses"`
 	// Time is when ADD wrote the record (RFC 3339, UTC).
 	Time time.Time `json:"time"`
+	// NetnsID identifies the namespace Netns named when the record was written (device
+	// and inode of its nsfs file), so a path reused for another namespace (a recycled
+	// /proc/<pid>/ns/net, a new netns under an old name) is not taken for this one.
+	// Zero when unknown.
+	NetnsID NetnsID `json:"netnsID,omitzero"`
+}
+
+// NetnsID is a network namespace's identity: the device and inode of its nsfs file.
+type NetnsID struct {
+	Dev uint64 `json:"dev"`
+	Ino uint64 `json:"ino"`
+}
+
+// IdentifyNetns returns the identity of the namespace at path (zero when it cannot be read).
+func IdentifyNetns(path string) NetnsID {
+	var st syscall.Stat_t
+	if path == "" || syscall.Stat(path, &st) != nil {
+		return NetnsID{}
+	}
+	return NetnsID{uint64(st.Dev), st.Ino}
 }
 
 // Store keeps Records as files under Dir/attachments. The zero Store (Dir "") stores
@@ -113,8 +135,8 @@ func (s Store) Get(o hostport.Owner) (Record, bool) {
 	if err != nil {
 		return Record{}, false
 	}
-	b, err := os.ReadFile(p)
-	if err != nil || len(b) > 1<<16 {
+	b, err := cnicache.ReadRegular(p, 1<<16)
+	if err != nil {
 		return Record{}, false
 	}
 	var r Record

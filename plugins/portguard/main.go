@@ -116,7 +116,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	}
 	// Flush UDP flows after the rules are in, so new datagrams take the new path.
 	for f := range c.PodIPs {
-		if err := conntrack.FlushUDP(f, udpPorts(c, f)); err != nil {
+		if err := conntrack.FlushUDP(f, udpPorts(c, f), netip.Addr{}); err != nil {
 			log.Printf("portguard: %v", err)
 		}
 	}
@@ -139,7 +139,14 @@ func cmdDel(args *skel.CmdArgs) error {
 		return err
 	}
 	for _, f := range hostport.Families {
-		if err := conntrack.FlushUDP(f, udpPorts(c, f)); err != nil {
+		// Only the flows this pod answers: a DEL after a refused ADD must not cut the live
+		// owner's flows on the same port. Without the pod's address (no prevResult: libcni
+		// caches none for an ADD that failed) there is no flow of this pod to tell apart.
+		ip, ok := c.PodIPs[f]
+		if !ok {
+			continue
+		}
+		if err := conntrack.FlushUDP(f, udpPorts(c, f), ip.Addr()); err != nil {
 			log.Printf("portguard: %v", err)
 		}
 	}

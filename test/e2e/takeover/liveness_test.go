@@ -336,3 +336,36 @@ func TestRepairKeepsLiveOwners(t *testing.T) {
 	wantOnlyJumps(t, b, tb.V4, map[string]int{a.Chain(n): 1})
 	wantAnswer(t, b, "tcp", b.NodeIP4, 9044, "A")
 }
+
+// The DEL of a container whose ADD was refused leaves the live owner's UDP flows in
+// conntrack: it flushes only the flows its own pod address answers.
+func TestRefusedDelKeepsOwnersUDPFlows(t *testing.T) {
+	b := newBed(t)
+	n, _ := pgNet(b, tb.NetConfig{IPv4Only: true}, nil)
+	a, p := servingPods(b)
+	n.MustAdd(a, tb.UDP(9046, 80))
+	if got, err := tb.SendUDPFromPort(b.Client, 40946, b.NodeIP4.String(), 9046); err != nil || got != "A" {
+		t.Fatalf("udp 9046 from the client: %q, %v; want A", got, err)
+	}
+	flows := func() string {
+		out, _ := b.Exec(b.Node, "conntrack", "-L", "-p", "udp", "--orig-port-dst", "9046")
+		return strings.TrimSpace(out)
+	}
+	if flows() == "" {
+		t.Fatal("no conntrack entry for the owner's flow: precondition gone")
+	}
+	if _, err := n.Add(p, tb.UDP(9046, 80)); err == nil {
+		t.Fatal("ADD of B on A's live UDP port succeeded")
+	}
+	// The runtime's DEL of the failed start carries the same port mappings.
+	if _, err := n.Call("del", p, tb.CallOptions{Mappings: []tb.PortMapping{tb.UDP(9046, 80)}}); err != nil {
+		t.Fatal(err)
+	}
+	if flows() == "" {
+		t.Error("the refused container's DEL flushed the live owner's UDP flow")
+	}
+	n.MustDel(a)
+	if f := flows(); f != "" {
+		t.Errorf("the owner's DEL left its flow in conntrack:\n%s", f)
+	}
+}
