@@ -60,3 +60,25 @@ func TestHostileCacheFilesSkipped(t *testing.T) {
 		t.Errorf("hostile owner found %v", got)
 	}
 }
+
+// An owner without a network (an upstream nftables rule names only the container ID)
+// finds the container's attachments in every network; a named owner only its own.
+func TestLookupWithoutNetwork(t *testing.T) {
+	dir := t.TempDir()
+	os.MkdirAll(filepath.Join(dir, "results"), 0o755)
+	write := func(name, body string) {
+		os.WriteFile(filepath.Join(dir, "results", name), []byte(body), 0o600)
+	}
+	write("net-a-eth0", `{"kind":"cniCacheV1","containerId":"a","networkName":"net","ifName":"eth0"}`)
+	write("other-a-eth0", `{"kind":"cniCacheV1","containerId":"a","networkName":"other","ifName":"eth0"}`)
+	write("net-b-eth0", `{"kind":"cniCacheV1","containerId":"b","networkName":"net","ifName":"eth0"}`)
+	if got := Lookup(dir, hostport.Owner{ContainerID: "a"}); len(got) != 2 {
+		t.Errorf("owner a without network: %d entries, want 2: %v", len(got), got)
+	}
+	if got := Lookup(dir, hostport.Owner{Network: "net", ContainerID: "a"}); len(got) != 1 {
+		t.Errorf("owner net/a: %d entries, want 1: %v", len(got), got)
+	}
+	if got := Lookup(dir, hostport.Owner{ContainerID: "c"}); len(got) != 0 {
+		t.Errorf("owner c: %v, want none", got)
+	}
+}
