@@ -426,29 +426,11 @@ func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family
 	if err != nil {
 		return nil, backend.Mark(err, backend.ErrUnusable)
 	}
-	var last error
-	for range maxAttempts {
-		tx, err := t.Begin()
-		if err != nil {
-			return nil, err
-		}
-		dump, err := t.Dump()
-		if err != nil {
-			return nil, err
-		}
-		if _, err := b.removeOwner(tx, dump, owner, c.PodIPs); err != nil {
-			return nil, err
-		}
-		err = tx.Commit()
-		if err == nil {
-			return nil, nil
-		}
-		if !retryable(err) {
-			return nil, err
-		}
-		last = err
-	}
-	return nil, fmt.Errorf("DEL of %s: the table kept changing after %d attempts: %w", owner, maxAttempts, last)
+	err = t.rewrite("DEL of "+owner.String(), func(tx *Tx, dump Dump) error {
+		_, err := b.removeOwner(tx, dump, owner, c.PodIPs)
+		return err
+	})
+	return nil, err
 }
 
 // DelRest has nothing to do: Del never leaves work for the exclusive lock.
@@ -545,17 +527,9 @@ func (b *Backend) GC(network string, valid map[string]bool, suspects []hostport.
 	if err != nil {
 		return nil, err
 	}
-	var last error
-	for range maxAttempts {
-		tx, err := t.Begin()
-		if err != nil {
-			return nil, err
-		}
-		dump, err := t.Dump()
-		if err != nil {
-			return nil, err
-		}
-		gone := map[hostport.Owner]bool{}
+	var gone map[hostport.Owner]bool
+	err = t.rewrite("GC of "+network, func(tx *Tx, dump Dump) error {
+		gone = map[hostport.Owner]bool{}
 		stale := func(comment string, o hostport.Owner) (hostport.Owner, bool) {
 			if !o.IsZero() {
 				return o, o.Network == network && !valid[o.ContainerID]
@@ -579,21 +553,44 @@ func (b *Backend) GC(network string, valid map[string]bool, suspects []hostport.
 				gone[o] = true
 			}
 		}
-		err = tx.Commit()
-		if err == nil {
-			out := make([]hostport.Owner, 0, len(gone))
-			for o := range gone {
-				out = append(out, o)
-			}
-			sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
-			return out, nil
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]hostport.Owner, 0, len(gone))
+	for o := range gone {
+		out = append(out, o)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
+	return out, nil
+}
+
+// rewrite runs one read-plan-commit round over the whole table: plan adds its changes to a
+// transaction begun before the Dump it is given. A commit refused because the table changed
+// meanwhile (retryable) starts a new round, at most maxAttempts; what is named the call in
+// the error when the table kept changing.
+func (t *Table) rewrite(what string, plan func(tx *Tx, dump Dump) error) error {
+	var last error
+	for range maxAttempts {
+		tx, err := t.Begin()
+		if err != nil {
+			return err
 		}
-		if !retryable(err) {
-			return nil, err
+		dump, err := t.Dump()
+		if err != nil {
+			return err
+		}
+		if err := plan(tx, dump); err != nil {
+			return err
+		}
+		err = tx.Commit()
+		if err == nil || !retryable(err) {
+			return err
 		}
 		last = err
 	}
-	return nil, fmt.Errorf("GC of %s: the table kept changing after %d attempts: %w", network, maxAttempts, last)
+	return fmt.Errorf("%s: the table kept changing after %d attempts: %w", what, maxAttempts, last)
 }
 
 var _ backend.Backend = (*Backend)(nil)
