@@ -36,13 +36,14 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguardctl ./cmd/portguardctl
 
 # System packages the kernel tests and the demo use; busybox runs deploy/install.sh as the
-# image does (deploy/install_test.go).
+# image does (deploy/install_test.go); nft lists and edits the nftables backend's table in
+# its kernel tests (the backend itself talks netlink and needs no nft binary).
 apt-deps:
-	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox; do \
+	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox nft; do \
 		command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			iptables iproute2 socat conntrack busybox >/dev/null; \
+			iptables iproute2 socat conntrack busybox nftables >/dev/null; \
 	fi
 
 # cnitool and the upstream plugins: bridge and host-local for the test bed, portmap for
