@@ -174,29 +174,38 @@ func addrField(f hostport.Family, dst bool) (off, l uint32) {
 // leaves this chain untranslated). Claims stay in the same maps whatever their conditions,
 // so the kernel keeps them unique across networks with different conditions too.
 func gateRules(f hostport.Family) [][]expr.Any {
-	off, l := addrField(f, true)
 	var out [][]expr.Any
 	for _, hostIP := range []bool{true, false} {
-		e := nfproto(f)
-		e = append(e,
-			&expr.Fib{Register: reg1, FlagDADDR: true, ResultADDRTYPE: true},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-		)
-		r := uint32(reg32)
 		set := setName(setGateAny, f)
 		if hostIP {
-			e = append(e, &expr.Payload{DestRegister: r, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l})
-			r += l / 4
 			set = setName(setGateHostIP, f)
 		}
-		e = append(e,
-			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: r},
-			&expr.Payload{DestRegister: r + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-			&expr.Lookup{SourceRegister: reg32, DestRegister: 0 /* verdict */, IsDestRegSet: true, SetName: set},
-		)
+		e := append(localClaimKey(f, hostIP),
+			&expr.Lookup{SourceRegister: reg32, DestRegister: 0 /* verdict */, IsDestRegSet: true, SetName: set})
 		out = append(out, e)
 	}
 	return out
+}
+
+// localClaimKey matches `meta nfproto ipvX fib daddr type local` and loads a claim's key,
+// `[ip daddr .] meta l4proto . th dport`, into the registers from reg32 on: what both the
+// gate and the DNAT lookups are keyed by.
+func localClaimKey(f hostport.Family, hostIP bool) []expr.Any {
+	e := nfproto(f)
+	e = append(e,
+		&expr.Fib{Register: reg1, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+	)
+	r := uint32(reg32)
+	if hostIP {
+		off, l := addrField(f, true)
+		e = append(e, &expr.Payload{DestRegister: r, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l})
+		r += l / 4
+	}
+	return append(e,
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: r},
+		&expr.Payload{DestRegister: r + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+	)
 }
 
 // dnatRules: `meta nfproto ipvX fib daddr type local [ip daddr .] meta l4proto . th dport
@@ -208,25 +217,15 @@ func dnatRules(f hostport.Family) [][]expr.Any {
 	if f == hostport.V6 {
 		natFam = unix.NFPROTO_IPV6
 	}
-	off, l := addrField(f, true)
+	_, l := addrField(f, true)
 	addrRegs := l / 4
 	var out [][]expr.Any
 	for _, hostIP := range []bool{true, false} {
-		e := nfproto(f)
-		e = append(e,
-			&expr.Fib{Register: reg1, FlagDADDR: true, ResultADDRTYPE: true},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: reg1, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-		)
-		r := uint32(reg32)
 		set := setName(setAny, f)
 		if hostIP {
-			e = append(e, &expr.Payload{DestRegister: r, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: l})
-			r += addrRegs
 			set = setName(setHostIP, f)
 		}
-		e = append(e,
-			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: r},
-			&expr.Payload{DestRegister: r + 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		e := append(localClaimKey(f, hostIP),
 			&expr.Lookup{SourceRegister: reg32, DestRegister: reg1, IsDestRegSet: true, SetName: set},
 			// The value podIP . port: the address fills register 1 from its start, the port
 			// follows in the next 4-byte register.
