@@ -3,9 +3,11 @@ package nftables
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/portguard/portguard/pkg/backend"
 	"github.com/portguard/portguard/pkg/config"
@@ -21,7 +23,12 @@ import (
 // maxAttempts bounds the observe-plan-commit loop of a verb: another writer committed in
 // between (ErrChanged), created a key first (ErrClaimed) or removed one the plan deletes
 // (ErrGone); each time the verb observes again and, for ADD, decides again.
-const maxAttempts = 5
+//
+// The generation checked is the whole ruleset's: every commit of any writer on the node
+// (a parallel call, kube-proxy) forces another round, so calls of a node drain, ten at a
+// time on a loaded machine, need more than a few; a round costs point lookups, not a read
+// of the table.
+const maxAttempts = 20
 
 // Backend runs the verbs in portguard's inet table (backend.Backend). Every change of a
 // call is one netlink batch, atomic over both families, so Add ignores its parallel
@@ -344,7 +351,10 @@ func (b *Backend) Add(c *config.Config, owner hostport.Owner, _ bool, h backend.
 	}
 	recorded := false
 	var last error
-	for range maxAttempts {
+	for attempt := range maxAttempts {
+		if attempt > 0 {
+			pause(attempt)
+		}
 		p, err := b.plan(t, d, owner)
 		if err != nil {
 			return nil, err
@@ -399,10 +409,18 @@ func (b *Backend) removeOwner(tx *Tx, dump Dump, owner hostport.Owner, pods map[
 	if pods == nil {
 		return any, nil
 	}
+	up, err := b.removeUpstream(tx, owner, pods)
+	return any || up, err
+}
+
+// removeUpstream adds to tx the removal of upstream's rules naming the owner's container
+// whose destination is one of the pod's addresses, and reports whether there were any.
+func (b *Backend) removeUpstream(tx *Tx, owner hostport.Owner, pods map[hostport.Family]netip.Prefix) (bool, error) {
 	ups, err := tx.Upstream()
 	if err != nil {
 		return false, err
 	}
+	any := false
 	for _, u := range ups {
 		if u.ContainerID != owner.ContainerID {
 			continue
@@ -418,19 +436,106 @@ func (b *Backend) removeOwner(tx *Tx, dump Dump, owner hostport.Owner, pods map[
 }
 
 // Del removes the attachment's elements, masquerade entries and upstream-format leftovers
-// of this container in one batch; nothing of it there is success (idempotent). It reads the
-// whole table (Dump), so it also finds the elements of an attachment whose mappings the
-// DEL does not carry.
+// of this container in one batch; nothing of it there is success (idempotent).
+//
+// It finds them by key: the claims of the DEL's portMappings in each family (the pod's, or
+// both when the DEL carries no prevResult), the masquerade entries of the pod's addresses and
+// of the destinations of the claims found, so its cost does not grow with the table. Only a
+// DEL that carries no portMappings, or finds nothing of the owner at its keys (a repeated
+// DEL, or mappings other than ADD's), reads the whole table (Dump) to find what is left.
 func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family, error) {
 	t, err := b.table()
 	if err != nil {
 		return nil, backend.Mark(err, backend.ErrUnusable)
+	}
+	if claims := delClaims(c); len(claims) > 0 {
+		found := false
+		err := t.retry("DEL of "+owner.String(), func(tx *Tx) (err error) {
+			found, err = b.removeByKey(tx, claims, owner, c.PodIPs)
+			return err
+		})
+		if err != nil || found {
+			return nil, err
+		}
 	}
 	err = t.rewrite("DEL of "+owner.String(), func(tx *Tx, dump Dump) error {
 		_, err := b.removeOwner(tx, dump, owner, c.PodIPs)
 		return err
 	})
 	return nil, err
+}
+
+// delClaims are the keys a DEL looks the attachment up by: each mapping's claim in every
+// family it applies to, restricted to the pod's families when the DEL knows them.
+func delClaims(c *config.Config) []hostport.Claim {
+	var out []hostport.Claim
+	for _, f := range hostport.Families {
+		if _, ok := c.PodIPs[f]; !ok && len(c.PodIPs) > 0 {
+			continue
+		}
+		for _, cl := range c.Claims(f) {
+			if !cl.AnyHostIP() {
+				cl.HostIP = cl.HostIP.Unmap()
+			}
+			out = append(out, cl)
+		}
+	}
+	return out
+}
+
+// removeByKey adds to tx the removal of the owner's elements at the claims' keys, of its
+// masquerade entries for the pod's addresses and the destinations found, and of upstream's
+// rules of this container (as removeOwner). It reports whether it found an element of the
+// owner at one of the keys; when not, the caller discards tx: the owner's elements, if any,
+// are under other keys, and its masquerade entries go with them.
+func (b *Backend) removeByKey(tx *Tx, claims []hostport.Claim, owner hostport.Owner, pods map[hostport.Family]netip.Prefix) (bool, error) {
+	found := false
+	var addrs []netip.Addr
+	seen := map[netip.Addr]bool{}
+	addr := func(a netip.Addr) {
+		if a = a.Unmap(); a.IsValid() && !seen[a] {
+			seen[a] = true
+			addrs = append(addrs, a)
+		}
+	}
+	for _, p := range pods {
+		addr(p.Addr())
+	}
+	done := map[string]bool{}
+	for _, cl := range claims {
+		set, k := claimKey(cl)
+		if done[set+string(k)] {
+			continue
+		}
+		done[set+string(k)] = true
+		e, ok, err := tx.t.lookup(cl)
+		if err != nil {
+			return false, err
+		}
+		if ok && e.OwnedBy(owner) {
+			tx.RemoveClaims(e)
+			addr(e.Dest.Addr())
+			found = true
+		}
+	}
+	if !found {
+		return false, nil
+	}
+	ms, err := tx.Masq(addrs...)
+	if err != nil {
+		return false, err
+	}
+	for _, m := range ms {
+		if m.OwnedBy(owner) {
+			tx.RemoveMasq(m)
+		}
+	}
+	if pods != nil {
+		if _, err := b.removeUpstream(tx, owner, pods); err != nil {
+			return false, err
+		}
+	}
+	return true, nil
 }
 
 // DelRest has nothing to do: Del never leaves work for the exclusive lock.
@@ -567,21 +672,33 @@ func (b *Backend) GC(network string, valid map[string]bool, suspects []hostport.
 }
 
 // rewrite runs one read-plan-commit round over the whole table: plan adds its changes to a
-// transaction begun before the Dump it is given. A commit refused because the table changed
-// meanwhile (retryable) starts a new round, at most maxAttempts; what is named the call in
-// the error when the table kept changing.
+// transaction begun before the Dump it is given (see retry).
 func (t *Table) rewrite(what string, plan func(tx *Tx, dump Dump) error) error {
-	var last error
-	for range maxAttempts {
-		tx, err := t.Begin()
-		if err != nil {
-			return err
-		}
+	return t.retry(what, func(tx *Tx) error {
 		dump, err := t.Dump()
 		if err != nil {
 			return err
 		}
-		if err := plan(tx, dump); err != nil {
+		return plan(tx, dump)
+	})
+}
+
+// retry runs read-plan-commit rounds: plan reads through the transaction it is given and
+// adds its changes. A commit refused because the ruleset changed meanwhile (retryable: the
+// generation is the whole ruleset's, so any writer, kube-proxy included, moves it) starts a
+// new round after a short random pause, at most maxAttempts; what names the call in the
+// error when the table kept changing.
+func (t *Table) retry(what string, plan func(tx *Tx) error) error {
+	var last error
+	for attempt := range maxAttempts {
+		if attempt > 0 {
+			pause(attempt)
+		}
+		tx, err := t.Begin()
+		if err != nil {
+			return err
+		}
+		if err := plan(tx); err != nil {
 			return err
 		}
 		err = tx.Commit()
@@ -591,6 +708,12 @@ func (t *Table) rewrite(what string, plan func(tx *Tx, dump Dump) error) error {
 		last = err
 	}
 	return fmt.Errorf("%s: the table kept changing after %d attempts: %w", what, maxAttempts, last)
+}
+
+// pause sleeps a random time of up to attempt milliseconds, so that writers that keep
+// refusing each other's generation (a drain's parallel DELs) fall out of step.
+func pause(attempt int) {
+	time.Sleep(time.Duration(rand.Int64N(int64(attempt) * int64(time.Millisecond))))
 }
 
 var _ backend.Backend = (*Backend)(nil)
