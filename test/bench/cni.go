@@ -19,7 +19,15 @@ type plugin struct {
 	Name string `json:"name"` // "upstream" or "portguard"
 	Type string `json:"type"` // the config's "type"
 	Path string `json:"path"`
+	// Backend is the config's "backend" ("": the key is left out).
+	Backend string `json:"backend,omitempty"`
+	// NS is the plugin's own node network namespace (-backend nftables); "" is the
+	// scenario runner's, shared by every plugin (-backend iptables).
+	NS string `json:"ns,omitempty"`
 }
+
+// portguard reports whether p is a build of portguard (whatever its backend).
+func (p plugin) portguard() bool { return strings.HasPrefix(p.Name, "portguard") }
 
 // callEnv is what every invocation in one scenario shares.
 type callEnv struct {
@@ -61,6 +69,9 @@ func netConf(p plugin, a attachment, podNetns string, mappings bool) []byte {
 		"snat":         true,
 		"capabilities": map[string]bool{"portMappings": true},
 		"prevResult":   prev,
+	}
+	if p.Backend != "" {
+		conf["backend"] = p.Backend
 	}
 	// A pod without host ports gets an empty list, as CRI runtimes send it once the
 	// conflist declares the capability.
@@ -109,6 +120,9 @@ func invokeConf(p plugin, verb, id string, conf []byte, env callEnv, shimLog str
 		"PORTGUARD_CNI_CACHE_DIR="+filepath.Join(env.WorkDir, "cni-cache"),
 		envLaunch+"="+resFile,
 	)
+	if p.NS != "" {
+		cmd.Env = append(cmd.Env, envLaunchNetns+"=/var/run/netns/"+p.NS)
+	}
 	if shimLog != "" {
 		cmd.Env = append(cmd.Env, envShimLog+"="+shimLog, envShimDir+"="+env.ShimDir)
 	}

@@ -46,9 +46,22 @@ type options struct {
 	Payload         string // -payload: write the nat payload and exit
 	PortguardBin    string
 	UpstreamBin     string
+	// Backend "nftables" compares portguard's nftables backend with upstream's
+	// (`"backend": "nftables"`), upstream's iptables backend beside them for context, each
+	// plugin on a node namespace of its own (see nftmode.go).
+	Backend  string
+	Services int // kube-proxy nftables-mode services on each node (-backend nftables)
+	ConnRuns int // connections per plugin and scenario (-only conn)
 }
 
-var allOps = []string{"ADD", "CHECK", "DEL", "DRAIN", "NOMAP", "TAKEOVER"}
+var allOps = []string{"ADD", "CHECK", "DEL", "DRAIN", "NOMAP", "TAKEOVER", "CONN"}
+
+// defaultOps are the ops run without -only, per backend: TAKEOVER is portguard's iptables
+// backend only, CONN the nftables comparison only.
+var defaultOps = map[string]string{
+	"iptables": "add,check,del,drain,nomap,takeover",
+	"nftables": "add,check,del,drain,conn",
+}
 
 func parseInts(s string) ([]int, error) {
 	var out []int
@@ -121,7 +134,10 @@ func parseFlags(args []string) (options, error) {
 	m := fs.String("m", "20000", "foreign kube-proxy-like nat rules (comma-separated list)")
 	n := fs.String("n", "0,100,1000,5000", "existing upstream-format host-port attachments (comma-separated list)")
 	runs := fs.Int("runs", 15, "timed ADD/CHECK/DEL runs per plugin and scenario")
-	only := fs.String("only", strings.ToLower(strings.Join(allOps, ",")), "subset of ops: add,check,del,drain,nomap,takeover")
+	only := fs.String("only", "", "subset of ops: add,check,del,drain,nomap,takeover (iptables), conn (nftables); default: "+defaultOps["iptables"]+" / "+defaultOps["nftables"])
+	backendF := fs.String("backend", "iptables", "iptables: portguard vs upstream portmap (iptables); nftables: portguard's nftables backend vs upstream's, upstream iptables for context")
+	services := fs.Int("services", 2000, "-backend nftables: services in each node's kube-proxy nftables table")
+	connRuns := fs.Int("conn-runs", 2000, "-only conn: new TCP connections timed per plugin and scenario")
 	rng := fs.Int("range", maxRange, "TAKEOVER: host-port mappings of the attachment (a podman port range) each timed ADD takes one port from")
 	out := fs.String("o", "", "also write the markdown report to this file")
 	drainN := fs.Int("drain", 100, "attachments in the drain (ADDed, then DELeted)")
@@ -159,7 +175,13 @@ func parseFlags(args []string) (options, error) {
 			*rng = 2000
 		}
 	}
-	o := options{Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, DrainMaxN: *drainMaxN, Range: *rng, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
+	if *backendF != "iptables" && *backendF != "nftables" {
+		return options{}, fmt.Errorf("-backend: iptables or nftables, not %q", *backendF)
+	}
+	if *only == "" {
+		*only = defaultOps[*backendF]
+	}
+	o := options{Backend: *backendF, Services: *services, ConnRuns: *connRuns, Runs: *runs, Out: *out, Drain: *drainN, DrainPar: *par, DrainRuns: *drainRuns, DrainMaxN: *drainMaxN, Range: *rng, Quick: *quick, PortguardBin: pgBin, UpstreamBin: upBin}
 	var err error
 	if o.Ms, err = parseInts(*m); err != nil {
 		return o, fmt.Errorf("-m: %v", err)
@@ -180,6 +202,15 @@ func parseFlags(args []string) (options, error) {
 	}
 	if o.Drain < 1 || o.Drain > maxDrain || o.DrainPar < 1 || o.DrainRuns < 1 {
 		return o, fmt.Errorf("-drain must be in 1..%d, -par and -drain-runs at least 1", maxDrain)
+	}
+	if o.Backend == "nftables" && o.Only["TAKEOVER"] {
+		return o, fmt.Errorf("-only takeover: iptables backend only")
+	}
+	if o.Backend == "iptables" && o.Only["CONN"] {
+		return o, fmt.Errorf("-only conn: with -backend nftables")
+	}
+	if o.Services < 0 || o.Services > maxServices || o.ConnRuns < 1 {
+		return o, fmt.Errorf("-services must be in 0..%d, -conn-runs at least 1", maxServices)
 	}
 	if o.Only["TAKEOVER"] {
 		if o.Range < 2 || o.Range > maxRange {

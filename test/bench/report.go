@@ -169,13 +169,20 @@ func (r *report) ok() bool {
 		}
 		for _, list := range [][]opStats{s.Ops, s.NoMap} {
 			for _, o := range list {
-				if o.Plugin == "portguard" && o.Failures > 0 {
+				if strings.HasPrefix(o.Plugin, "portguard") && o.Failures > 0 {
 					return false
 				}
 			}
 		}
-		if d := findDrain(s.Drain, "portguard"); d != nil && (d.AddFail > 0 || d.DelFail > 0 || d.Installed != d.Attachments) {
-			return false
+		for _, d := range s.Drain {
+			if strings.HasPrefix(d.Plugin, "portguard") && (d.AddFail > 0 || d.DelFail > 0 || d.Installed != d.Attachments) {
+				return false
+			}
+		}
+		for _, c := range s.Conn {
+			if c.Err != "" {
+				return false
+			}
 		}
 		for _, t := range s.Takeover {
 			if t.VictimErr != "" || t.Failures > 0 || t.Verified != "ok" {
@@ -189,6 +196,9 @@ func (r *report) ok() bool {
 func row(cells ...string) string { return "| " + strings.Join(cells, " | ") + " |\n" }
 
 func (r *report) markdown() string {
+	if r.Opts.Backend == "nftables" {
+		return r.markdownNFT()
+	}
 	var b strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	w("## portguard vs upstream portmap\n\n")
@@ -347,7 +357,14 @@ func (r *report) markdown() string {
 			strings.Join(eff, ", "), yesNo(s.StateStable), yesNo(s.ForeignUntouched)))
 	}
 
-	// Details: what each plugin ran, from the last scenario (the largest N).
+	r.problemsAndProcs(&b)
+	return b.String()
+}
+
+// problemsAndProcs writes the problems of every scenario and the processes each plugin
+// ran in the last one (the largest N).
+func (r *report) problemsAndProcs(b *strings.Builder) {
+	w := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
 	var problems []string
 	for _, s := range r.Scenarios {
 		if s.StateDiff != "" {
@@ -365,13 +382,18 @@ func (r *report) markdown() string {
 				problems = append(problems, fmt.Sprintf("M=%d N=%d %s drain: %s", s.M, s.N, d.Plugin, d.FirstErr))
 			}
 		}
+		for _, c := range s.Conn {
+			if c.Err != "" {
+				problems = append(problems, fmt.Sprintf("M=%d N=%d %s conn: %s", s.M, s.N, c.Plugin, c.Err))
+			}
+		}
 	}
 	if len(problems) > 0 {
 		w("\n### Problems\n\n```\n%s\n```\n", strings.Join(problems, "\n"))
 	}
 	if n := len(r.Scenarios); n > 0 && len(r.Scenarios[n-1].Ops) > 0 {
 		s := r.Scenarios[n-1]
-		w("\n### iptables processes per call (M=%d, N=%d, warm-up call with the shim)\n\n```\n", s.M, s.N)
+		w("\n### Processes per call (M=%d, N=%d, warm-up call with the shim)\n\n```\n", s.M, s.N)
 		var list []opStats
 		list = append(list, s.Ops...)
 		for _, o := range s.NoMap {
@@ -381,7 +403,7 @@ func (r *report) markdown() string {
 			}
 		}
 		for _, o := range list {
-			w("%s %s: %d processes, %.0f ms of %.0f ms in iptables, largest child %s\n", o.Plugin, o.Op, o.Procs, o.ProcMs, o.CountMs, fmtMiB(o.ChildRSSKiB))
+			w("%s %s: %d processes, %.0f ms of %.0f ms in them, largest child %s\n", o.Plugin, o.Op, o.Procs, o.ProcMs, o.CountMs, fmtMiB(o.ChildRSSKiB))
 			for _, c := range o.Cmds {
 				if len(c) > 160 {
 					c = c[:160] + "…"
@@ -391,7 +413,6 @@ func (r *report) markdown() string {
 		}
 		w("```\n")
 	}
-	return b.String()
 }
 
 func yesNo(v bool) string {

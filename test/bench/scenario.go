@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +19,8 @@ const envInner = "PGB_INNER" // path of the scenarioConfig JSON
 
 type scenarioConfig struct {
 	M, N, Runs      int
+	Services        int // -backend nftables: kube-proxy nftables services per node
+	ConnRuns        int
 	Ops             map[string]bool
 	Drain, DrainPar int
 	DrainRuns       int
@@ -62,6 +65,8 @@ type scenarioResult struct {
 	NoMap            []opStats
 	Drain            []drainStats
 	Takeover         []takeoverStats
+	Conn             []connStats
+	KubeChains       int               // chains of kube-proxy's nftables table on each node (-backend nftables)
 	Verified         map[string]string // plugin -> "ok" or what was wrong with ADD/DEL effects
 	StateStable      bool              // nat tables after all runs == after the warm-up round
 	ForeignUntouched bool              // foreign (KUBE-*) lines unchanged from setup to end
@@ -133,12 +138,12 @@ func setupNode(cfg scenarioConfig, res *scenarioResult) error {
 	return nil
 }
 
-// natState returns iptables-save + ip6tables-save of the nat table without comments
-// and counters.
-func natState() (string, error) {
+// natStateIn returns iptables-save + ip6tables-save of the nat table of node namespace
+// name ("" the runner's) without comments and counters.
+func natStateIn(name string) (string, error) {
 	var b strings.Builder
 	for _, c := range []string{"iptables-save", "ip6tables-save"} {
-		out, err := exec.Command(c, "-t", "nat").Output()
+		out, err := inNS(name, c, "-t", "nat").Output()
 		if err != nil {
 			return "", fmt.Errorf("%s: %v", c, err)
 		}
@@ -194,24 +199,48 @@ func diffSummary(a, b string) string {
 	return strings.Join(out, "\n")
 }
 
-// installed reports whether attachment a's DNAT rules and jump are in state.
-func installed(state string, a attachment) bool {
-	return strings.Contains(state, fmt.Sprintf("--to-destination %s:%d", a.IP, containerPorts[0])) &&
-		strings.Contains(state, fmt.Sprintf("--to-destination %s:%d", a.IP, containerPorts[1])) &&
-		strings.Contains(state, a.ID)
-}
-
 func runScenario(cfg scenarioConfig) (res scenarioResult) {
 	res.M, res.N = cfg.M, cfg.N
 	res.Verified = map[string]string{}
 	fail := func(err error) scenarioResult { res.Err = err.Error(); return res }
 
-	logf("M=%d N=%d: loading the nat table", cfg.M, cfg.N)
-	if err := setupNode(cfg, &res); err != nil {
-		return fail(err)
+	nftMode := false
+	var nodes []string // distinct node namespaces, "" the runner's
+	for _, p := range cfg.Plugins {
+		nftMode = nftMode || p.NS != ""
+		if !slices.Contains(nodes, p.NS) {
+			nodes = append(nodes, p.NS)
+		}
+	}
+	if nftMode {
+		start := time.Now()
+		for _, p := range cfg.Plugins {
+			logf("M=%d N=%d: loading %s's node %s", cfg.M, cfg.N, p.Name, p.NS)
+			foreign, cni, chains, err := setupPluginNode(cfg, p)
+			if err != nil {
+				return fail(fmt.Errorf("%s's node: %w", p.Name, err))
+			}
+			res.ForeignRules, res.KubeChains = foreign, chains
+			res.CNIRules = max(res.CNIRules, cni)
+		}
+		res.SetupMs = ms(time.Since(start))
+	} else {
+		logf("M=%d N=%d: loading the nat table", cfg.M, cfg.N)
+		if err := setupNode(cfg, &res); err != nil {
+			return fail(err)
+		}
 	}
 	logf("M=%d N=%d: %d foreign + %d CNI rules restored in %.0f ms", cfg.M, cfg.N, res.ForeignRules, res.CNIRules, res.SetupMs)
-	snap0, err := natState()
+	snapshot := func() (all, foreign map[string]string, err error) {
+		all, foreign = map[string]string{}, map[string]string{}
+		for _, n := range nodes {
+			if all[n], foreign[n], err = nodeState(n, nftMode); err != nil {
+				return nil, nil, err
+			}
+		}
+		return all, foreign, nil
+	}
+	_, foreign0, err := snapshot()
 	if err != nil {
 		return fail(err)
 	}
@@ -274,16 +303,16 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 			r := invoke(p, "ADD", a, cfg.Env, true, shimLog)
 			record(stats[p.Name+"ADD"], r, false)
 			verdict := "ok"
-			if st, err := natState(); err != nil {
+			if st, err := pluginState(p); err != nil {
 				return fail(err)
-			} else if !installed(st, a) {
+			} else if !installedIn(st, a) {
 				verdict = "ADD did not install the DNAT rules"
 			}
 			record(stats[p.Name+"CHECK"], invoke(p, "CHECK", a, cfg.Env, true, shimLog), false)
 			record(stats[p.Name+"DEL"], invoke(p, "DEL", a, cfg.Env, true, shimLog), false)
-			if st, err := natState(); err != nil {
+			if st, err := pluginState(p); err != nil {
 				return fail(err)
-			} else if strings.Contains(st, a.ID) || strings.Contains(st, a.IP.String()+":") {
+			} else if leftIn(st, a) {
 				verdict = strings.TrimPrefix(verdict+"; DEL left rules behind", "ok; ")
 			}
 			res.Verified[p.Name] = verdict
@@ -297,7 +326,7 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 			}
 		}
 	}
-	snapA, err := natState()
+	snapA, _, err := snapshot()
 	if err != nil {
 		return fail(err)
 	}
@@ -365,23 +394,34 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 		res.Drain = ds
 	}
 
-	snapB, err := natState()
+	snapB, foreignB, err := snapshot()
 	if err != nil {
 		return fail(err)
 	}
-	res.StateStable = snapA == snapB
-	if !res.StateStable {
-		res.StateDiff = diffSummary(snapA, snapB)
+	res.StateStable, res.ForeignUntouched = true, true
+	for _, n := range nodes {
+		if snapA[n] != snapB[n] {
+			res.StateStable = false
+			res.StateDiff += diffSummary(snapA[n], snapB[n])
+		}
+		if foreign0[n] != foreignB[n] {
+			res.ForeignUntouched = false
+			res.StateDiff += diffSummary(foreign0[n], foreignB[n])
+		}
 	}
-	res.ForeignUntouched = foreignLines(snap0) == foreignLines(snapB)
-	if !res.ForeignUntouched && res.StateDiff == "" {
-		res.StateDiff = diffSummary(foreignLines(snap0), foreignLines(snapB))
+
+	// After the comparison: the connections' pod and attachment come and go.
+	if cfg.Ops["CONN"] {
+		for _, p := range cfg.Plugins {
+			logf("M=%d N=%d: %d new connections through a claim of %s", cfg.M, cfg.N, cfg.ConnRuns, p.Name)
+			res.Conn = append(res.Conn, runConn(cfg, p))
+		}
 	}
 
 	// Last, after the state comparison: a portguard-only op (upstream takes nothing over).
 	if cfg.Ops["TAKEOVER"] {
 		for _, p := range cfg.Plugins {
-			if p.Name == "portguard" {
+			if p.portguard() {
 				logf("M=%d N=%d: takeover of one port from a %d-mapping attachment, %d runs", cfg.M, cfg.N, cfg.Range, cfg.Runs)
 				res.Takeover = append(res.Takeover, runTakeover(cfg, p))
 			}
@@ -425,13 +465,13 @@ func drain(cfg scenarioConfig, p plugin, d *drainStats) error {
 	}
 	t, f := phase("ADD")
 	d.AddRuns, d.AddFail = append(d.AddRuns, t), d.AddFail+f
-	st, err := natState()
+	st, err := pluginState(p)
 	if err != nil {
 		return err
 	}
 	n := 0
 	for i := 0; i < cfg.Drain; i++ {
-		if installed(st, drainAttachment(p.Name, i)) {
+		if installedIn(st, drainAttachment(p.Name, i)) {
 			n++
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -31,6 +32,7 @@ var shimNames = []string{
 	"iptables-nft-save", "iptables-nft-restore", "iptables-legacy-save", "iptables-legacy-restore",
 	"ip6tables", "ip6tables-save", "ip6tables-restore", "ip6tables-legacy", "ip6tables-nft",
 	"ip6tables-nft-save", "ip6tables-nft-restore", "ip6tables-legacy-save", "ip6tables-legacy-restore",
+	"nft", // upstream's nftables backend (knftables runs the nft binary)
 }
 
 // shimRecord is one line of the shim log.
@@ -44,7 +46,7 @@ type shimRecord struct {
 }
 
 func isShimName(base string) bool {
-	return strings.HasPrefix(base, "iptables") || strings.HasPrefix(base, "ip6tables")
+	return strings.HasPrefix(base, "iptables") || strings.HasPrefix(base, "ip6tables") || base == "nft"
 }
 
 // makeShimDir fills dir with symlinks to self for every iptables* / ip6tables* name.
@@ -85,7 +87,7 @@ func shimMain() {
 	}
 	cmd := &exec.Cmd{Path: real, Args: os.Args, Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr}
 	var payload []byte
-	if strings.Contains(name, "restore") {
+	if strings.Contains(name, "restore") || name == "nft" && slices.Contains(os.Args[1:], "-") {
 		// Keep the payload for the report; read it before the clock starts.
 		payload, _ = io.ReadAll(os.Stdin)
 		cmd.Stdin = bytes.NewReader(payload)

@@ -88,7 +88,7 @@ func runTakeover(cfg scenarioConfig, p plugin) takeoverStats {
 // verifyTakeover checks the last takeover: the taker's jump is the only claim on the port,
 // and the victim's chain still forwards the next port.
 func verifyTakeover(victimID, takerID string, port int) string {
-	st, err := natState()
+	st, err := natStateIn("")
 	if err != nil {
 		return err.Error()
 	}
