@@ -63,3 +63,67 @@ func (c *Conn) BaseChains(fam uint8) ([]BaseChain, error) {
 		return out, bad
 	}
 }
+
+// TableID names a table: its family (NFPROTO_*) and name.
+type TableID struct {
+	Family uint8
+	Name   string
+}
+
+// Tables lists every table of every family in one dump: a node has a handful, so this is
+// how a caller learns in one round trip which of the tables it would read exist.
+func (c *Conn) Tables() ([]TableID, error) {
+	for try := 0; ; try++ {
+		var out []TableID
+		m := newMsg(nftType(unix.NFT_MSG_GETTABLE), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, unix.NFPROTO_UNSPEC)
+		err := c.dumpFam(m, func(fam uint8, obj []byte) {
+			out = append(out, TableID{Family: fam, Name: cstr(attrList(obj).get(unix.NFTA_TABLE_NAME))})
+		})
+		if errors.Is(err, ErrDumpInterrupted) && try < 2 {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list tables: %w", err)
+		}
+		return out, nil
+	}
+}
+
+// Layout is what a table holds besides elements and the rules' expressions: the names of
+// its sets and, per chain that has rules, each rule's user data (nft keeps a rule's comment
+// there), in order.
+type Layout struct {
+	Sets  []string
+	Rules map[string][][]byte
+}
+
+// Layout reads the sets and rules of table in family fam in two dumps; ok is false when
+// the table does not exist.
+func (c *Conn) Layout(fam uint8, table string) (l Layout, ok bool, err error) {
+	for try := 0; ; try++ {
+		l = Layout{Rules: map[string][][]byte{}}
+		m := newMsg(nftType(unix.NFT_MSG_GETSET), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, fam)
+		m.str(unix.NFTA_SET_TABLE, table)
+		err = c.dump(m, func(obj []byte) {
+			l.Sets = append(l.Sets, cstr(attrList(obj).get(unix.NFTA_SET_NAME)))
+		})
+		if err == nil {
+			m = newMsg(nftType(unix.NFT_MSG_GETRULE), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, fam)
+			m.str(unix.NFTA_RULE_TABLE, table)
+			err = c.dump(m, func(obj []byte) {
+				a := attrList(obj)
+				ch := cstr(a.get(unix.NFTA_RULE_CHAIN))
+				l.Rules[ch] = append(l.Rules[ch], append([]byte(nil), a.get(unix.NFTA_RULE_USERDATA)...))
+			})
+		}
+		switch {
+		case errors.Is(err, ErrDumpInterrupted) && try < 2:
+			continue
+		case errors.Is(err, unix.ENOENT):
+			return Layout{}, false, nil
+		case err != nil:
+			return Layout{}, false, fmt.Errorf("read table %s: %w", table, err)
+		}
+		return l, true, nil
+	}
+}

@@ -91,6 +91,12 @@ func (c *Conn) excerpt(f hostport.Family, chain, own string, claims []hostport.C
 // dump sends a dump request and hands each answer's payload (after nfgenmsg) to each, in
 // order. The payload is only valid during the call: it lives in the receive buffer.
 func (c *Conn) dump(m *msg, each func(obj []byte)) error {
+	return c.dumpFam(m, func(_ uint8, obj []byte) { each(obj) })
+}
+
+// dumpFam is dump that also hands each the object's family (nfgenmsg), for dumps of
+// every family.
+func (c *Conn) dumpFam(m *msg, each func(fam uint8, obj []byte)) error {
 	if err := c.send(m); err != nil {
 		return fmt.Errorf("nf_tables netlink: %w", err)
 	}
@@ -124,7 +130,7 @@ func (c *Conn) dump(m *msg, each func(obj []byte)) error {
 				}
 				return r.err
 			default:
-				each(r.data)
+				each(r.fam, r.data)
 			}
 		}
 	}

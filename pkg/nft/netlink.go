@@ -110,6 +110,7 @@ type reply struct {
 	flags uint16
 	seq   uint32
 	err   error // for NLMSG_ERROR: nil is an ACK
+	fam   uint8 // nfgenmsg's family of an object
 	data  []byte
 }
 
@@ -176,7 +177,7 @@ func split(b []byte) ([]reply, error) {
 			}
 		default:
 			if len(body) >= 4 {
-				r.data = body[4:]
+				r.fam, r.data = body[0], body[4:]
 			}
 		}
 		out = append(out, r)

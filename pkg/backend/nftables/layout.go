@@ -32,6 +32,7 @@ package nftables
 import (
 	"bytes"
 	"fmt"
+	"slices"
 
 	gnft "github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -289,41 +290,31 @@ func layoutRules() map[string][][]expr.Any {
 var markUserdata = userdata.AppendString(nil, userdata.TypeComment, layoutMark)
 
 // Verify reports what differs between the kernel's table and portguard's layout (empty when
-// it is in place): a missing table, set or chain, or base chains whose rules are not
-// exactly the current layout's (counted and marked). It does not read any element.
+// it is in place): a missing table or set, or base chains whose rules are not exactly the
+// current layout's (counted and marked; a missing chain has none). It reads no element and
+// no expression: two dumps of the table (its sets, its rules' marks), whatever it holds.
 func (t *Table) Verify() ([]string, error) {
-	var problems []string
-	ss, err := t.g.GetSets(table)
+	l, ok, err := t.nl.Layout(inet, TableName)
 	if err != nil {
-		if isNotFound(err) {
-			return []string{"table inet " + TableName + " missing"}, nil
-		}
-		return nil, fmt.Errorf("read sets of %s: %w", TableName, err)
+		return nil, err
 	}
-	have := map[string]bool{}
-	for _, s := range ss {
-		have[s.Name] = true
+	if !ok {
+		return []string{"table inet " + TableName + " missing"}, nil
 	}
+	var problems []string
 	for _, f := range hostport.Families {
 		for _, s := range sets(f) {
-			if !have[s.Name] {
+			if !slices.Contains(l.Sets, s.Name) {
 				problems = append(problems, "map "+s.Name+" missing")
 			}
 		}
 	}
 	want := layoutRules()
 	for _, c := range chains() {
-		rs, err := t.g.GetRules(table, c)
-		if err != nil {
-			if isNotFound(err) {
-				problems = append(problems, "chain "+c.Name+" missing")
-				continue
-			}
-			return nil, fmt.Errorf("read chain %s: %w", c.Name, err)
-		}
+		rs := l.Rules[c.Name]
 		ok := len(rs) == len(want[c.Name])
-		for _, r := range rs {
-			ok = ok && bytes.Equal(r.UserData, markUserdata)
+		for _, u := range rs {
+			ok = ok && bytes.Equal(u, markUserdata)
 		}
 		if !ok {
 			problems = append(problems, fmt.Sprintf("chain %s: %d rules, not the layout's %d", c.Name, len(rs), len(want[c.Name])))

@@ -3,6 +3,7 @@ package nftables
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	gnft "github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -10,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/nft"
 )
 
 // Upstream portmap's nftables backend (containernetworking/plugins v1.10.0): tables
@@ -45,8 +47,17 @@ func upstreamTable(f hostport.Family) *gnft.Table {
 // chains read as empty). Rules whose shape is not upstream's are skipped: they are not
 // claims this backend can reason about, and it never deletes what it cannot name.
 func (tx *Tx) Upstream() ([]UpstreamRule, error) {
+	// One dump of the node's few tables first: on a node without upstream's tables (any
+	// node that never ran it) that is the whole cost, one round trip instead of four reads.
+	tables, err := tx.t.nl.Tables()
+	if err != nil {
+		return nil, err
+	}
 	var out []UpstreamRule
 	for _, f := range hostport.Families {
+		if !slices.Contains(tables, nft.TableID{Family: upstreamFamily(f), Name: UpstreamTable}) {
+			continue
+		}
 		for _, chain := range []string{UpstreamHostports, UpstreamMasquerades} {
 			rs, err := tx.t.g.GetRules(upstreamTable(f), &gnft.Chain{Name: chain})
 			if isNotFound(err) {
