@@ -19,7 +19,7 @@ type BaseChain struct {
 }
 
 // BaseChains lists the base chains of every table of family fam (NFPROTO_IPV4, _IPV6,
-// _INET, ...), in the kernel's order.
+// _INET, ...; NFPROTO_UNSPEC: of every family, in one dump), in the kernel's order.
 //
 // The kernel has no filter for them: a chain dump (NFT_MSG_GETCHAIN) sends every chain of
 // the family, base or not, and kube-proxy's nftables table alone has one chain per service
@@ -33,7 +33,7 @@ func (c *Conn) BaseChains(fam uint8) ([]BaseChain, error) {
 	for try := 0; ; try++ {
 		out, bad = nil, nil
 		m := newMsg(nftType(unix.NFT_MSG_GETCHAIN), unix.NLM_F_REQUEST|unix.NLM_F_DUMP, fam)
-		err := c.dump(m, func(obj []byte) {
+		err := c.dumpFam(m, func(objFam uint8, obj []byte) {
 			a := attrList(obj)
 			hook := a.get(unix.NFTA_CHAIN_HOOK)
 			if hook == nil || bad != nil {
@@ -46,7 +46,7 @@ func (c *Conn) BaseChains(fam uint8) ([]BaseChain, error) {
 				return
 			}
 			out = append(out, BaseChain{
-				Family:   fam,
+				Family:   objFam,
 				Table:    cstr(a.get(unix.NFTA_CHAIN_TABLE)),
 				Name:     cstr(a.get(unix.NFTA_CHAIN_NAME)),
 				Type:     cstr(a.get(unix.NFTA_CHAIN_TYPE)),

@@ -30,37 +30,39 @@ func (c NATChain) String() string {
 // chain of a family (pkg/nft BaseChains), so its cost follows the ruleset's chain count
 // (~3 ms for 12,000), not portguard's claims; CHECK and doctor pay it, ADD and DEL do not.
 func (t *Table) EarlierNAT() ([]NATChain, error) {
+	chains, err := t.nl.BaseChains(unix.NFPROTO_UNSPEC)
+	if err != nil {
+		return nil, err
+	}
 	var out []NATChain
-	for _, fam := range []struct {
-		nfproto uint8
-		fams    []hostport.Family
-	}{
-		{unix.NFPROTO_IPV4, []hostport.Family{hostport.V4}},
-		{unix.NFPROTO_IPV6, []hostport.Family{hostport.V6}},
-		{unix.NFPROTO_INET, hostport.Families},
-	} {
-		chains, err := t.nl.BaseChains(fam.nfproto)
-		if err != nil {
-			return nil, err
+	for _, c := range chains {
+		var fams []hostport.Family
+		switch c.Family {
+		case unix.NFPROTO_IPV4:
+			fams = []hostport.Family{hostport.V4}
+		case unix.NFPROTO_IPV6:
+			fams = []hostport.Family{hostport.V6}
+		case unix.NFPROTO_INET:
+			fams = hostport.Families
+		default:
+			continue
 		}
-		for _, c := range chains {
-			if c.Type != "nat" || fam.nfproto == unix.NFPROTO_INET && c.Table == TableName {
-				continue
-			}
-			var hook string
-			switch c.Hook {
-			case unix.NF_INET_PRE_ROUTING:
-				hook = "prerouting"
-			case unix.NF_INET_LOCAL_OUT:
-				hook = "output"
-			default:
-				continue
-			}
-			if int(c.Priority) >= PriorityDNAT {
-				continue
-			}
-			out = append(out, NATChain{Families: fam.fams, Table: c.Table, Chain: c.Name, Hook: hook, Priority: int(c.Priority)})
+		if c.Type != "nat" || c.Family == unix.NFPROTO_INET && c.Table == TableName {
+			continue
 		}
+		var hook string
+		switch c.Hook {
+		case unix.NF_INET_PRE_ROUTING:
+			hook = "prerouting"
+		case unix.NF_INET_LOCAL_OUT:
+			hook = "output"
+		default:
+			continue
+		}
+		if int(c.Priority) >= PriorityDNAT {
+			continue
+		}
+		out = append(out, NATChain{Families: fams, Table: c.Table, Chain: c.Name, Hook: hook, Priority: int(c.Priority)})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].String() < out[j].String() })
 	return out, nil
