@@ -241,6 +241,9 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 	if err != nil {
 		return addPlan{}, err
 	}
+	if err := p.dropOwnLeftovers(t, d, owner, es, ms); err != nil {
+		return addPlan{}, err
+	}
 	wantMasq := map[netip.Addr]SNAT{}
 	for _, s := range d.att.SNAT {
 		wantMasq[s.Pod.Addr().Unmap()] = s
@@ -268,6 +271,51 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 		return addPlan{}, err
 	}
 	return p, nil
+}
+
+// dropOwnLeftovers handles a re-ADD whose mappings or pod addresses changed: when the owner
+// already holds an element at one of the new keys or a masquerade entry of the pod's
+// addresses (what a first ADD never finds), the whole table is read once and the owner's
+// claims under other keys and masquerade entries of other addresses are removed in the same
+// batch, so the ports it no longer maps are freed. A first ADD, and a re-ADD that finds
+// nothing of its own at the new keys and addresses (every mapping and address changed,
+// without snat), reads no more than the keys.
+func (p *addPlan) dropOwnLeftovers(t *Table, d desired, owner hostport.Owner, es []Element, ms []MasqElement) error {
+	again := false
+	for _, e := range es {
+		again = again || e.OwnedBy(owner)
+	}
+	for _, m := range ms {
+		again = again || m.OwnedBy(owner)
+	}
+	if !again {
+		return nil
+	}
+	dump, err := t.Dump()
+	if err != nil {
+		return err
+	}
+	observed := map[string]bool{} // the keys plan already decided on
+	for _, e := range es {
+		set, k := claimKey(e.Claim)
+		observed[set+string(k)] = true
+	}
+	for _, e := range dump.Claims {
+		set, k := claimKey(e.Claim)
+		if e.OwnedBy(owner) && !observed[set+string(k)] {
+			p.tx.RemoveClaims(e)
+		}
+	}
+	pods := map[netip.Addr]bool{}
+	for _, a := range d.pods {
+		pods[a] = true
+	}
+	for _, m := range dump.Masq {
+		if m.OwnedBy(owner) && !pods[m.PodIP] {
+			p.removeMasq(m)
+		}
+	}
+	return nil
 }
 
 // finishVictims removes the masquerade entries of every element owner taken over whose
@@ -322,7 +370,9 @@ func retryable(err error) bool {
 // h.Decide before anything of the attachment is written, h.Record runs before the first
 // commit, and the batch removes this owner's outdated elements, the taken-over claims
 // (upstream cni_hostport rules included) and creates the missing ones. A re-ADD of the
-// same attachment commits nothing. When another writer commits in between, it observes,
+// same attachment commits nothing; a re-ADD with other mappings or pod addresses also
+// removes the owner's claims and masquerade entries it no longer wants (dropOwnLeftovers:
+// a re-ADD reads the whole table, a first ADD only its keys). When another writer commits in between, it observes,
 // plans and decides again, up to maxAttempts times.
 func (b *Backend) Add(c *config.Config, owner hostport.Owner, _ bool, h backend.Hooks) ([]backend.Takeover, error) {
 	t, err := b.table()

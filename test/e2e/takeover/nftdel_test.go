@@ -55,3 +55,30 @@ func TestNFTablesDelByKeyAndFallback(t *testing.T) {
 		gone(tc.how)
 	}
 }
+
+// A re-ADD of the same attachment with other mappings frees the ports it no longer maps
+// (in both families, in the same batch that claims the new ones), keeps the ports still
+// mapped, and another pod can then claim a freed port while the first one lives.
+func TestNFTablesReAddWithOtherMappingsFreesOldPorts(t *testing.T) {
+	b := newBed(t)
+	n := nftNet(b, testbed.NetConfig{})
+	a, o := b.NewPod("A"), b.NewPod("B")
+	a.Serve(80)
+	o.Serve(80)
+	prev := n.MustAdd(a, testbed.TCP(8093, 80), testbed.TCP(8094, 80))
+	if res, err := reAdd(t, b, n, a, prev.Stdout, testbed.TCP(8094, 80), testbed.TCP(8095, 80)); err != nil {
+		t.Fatalf("re-ADD: %v\n%s", err, res.Stderr)
+	}
+	for _, f := range families {
+		wantNoAnswerFrom(t, b, "tcp", b.NodeIP(f), 8093, "A")
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8094, "A")
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8095, "A")
+	}
+	if tbl := nftTable(t, b); strings.Contains(tbl, "tcp . 8093") {
+		t.Errorf("the re-ADD left a claim on 8093:\n%s", tbl)
+	}
+	n.MustAdd(o, testbed.TCP(8093, 80)) // refused with code 100 if A still held it
+	for _, f := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(f), 8093, "B")
+	}
+}
