@@ -5,15 +5,14 @@ package main
 // 10.244.250.2 with a TCP listener on :80) is ADDed by the plugin with host port 61000;
 // the runner then opens cfg.ConnRuns TCP connections from the node's namespace to
 // 10.244.0.1:61000 (the node's cni0 address: `fib daddr type local`, DNAT in the output
-// hook) and as many straight to the pod (no DNAT: the floor of the same path), and
-// reports the medians. Each connection is a full handshake, closed at once; the plugin's
+// hook) and as many straight to the pod (no DNAT: the floor of the same path), alternating,
+// and reports the medians. Each connection is a full handshake, closed at once; the plugin's
 // rules are walked once per connection (conntrack keeps the rest of a flow off them).
 
 import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"sort"
 	"time"
 
@@ -92,52 +91,54 @@ func runConn(cfg scenarioConfig, p plugin) connStats {
 		return st
 	}
 	defer invoke(p, "DEL", a, env, true, "")
-	claim, err := dialTimes("/var/run/netns/"+p.NS, fmt.Sprintf("10.244.0.1:%d", connPort), cfg.ConnRuns)
+	ts, err := dialTimes("/var/run/netns/"+p.NS, cfg.ConnRuns, fmt.Sprintf("10.244.0.1:%d", connPort), a.IP.String()+":80")
 	if err != nil {
-		st.Err = "through the claim: " + err.Error()
+		st.Err = err.Error()
 		return st
 	}
-	direct, err := dialTimes("/var/run/netns/"+p.NS, a.IP.String()+":80", cfg.ConnRuns)
-	if err != nil {
-		st.Err = "straight to the pod: " + err.Error()
-		return st
-	}
+	claim, direct := ts[0], ts[1]
 	st.ClaimUs, st.ClaimP90, st.DirectUs = median(claim), p90(claim), median(direct)
 	return st
 }
 
-// dialTimes opens n TCP connections to addr from network namespace nsPath, one at a time,
-// and returns the µs each connect took (handshake done). The socket closes with RST
-// (linger 0), so the node keeps no TIME_WAIT entry per connection.
-func dialTimes(nsPath, addr string, n int) ([]float64, error) {
-	var out []float64
+// dialTimes opens n TCP connections to each of addrs from network namespace nsPath, one at
+// a time and alternating between the addresses (so a change of the machine's load hits them
+// alike), and returns per address the µs each connect took (handshake done), sorted. The
+// socket closes with RST (linger 0), so the node keeps no TIME_WAIT entry per connection.
+func dialTimes(nsPath string, n int, addrs ...string) ([][]float64, error) {
+	out := make([][]float64, len(addrs))
 	err := ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
-		runtime.LockOSThread() // ns.WithNetNSPath's thread; stays locked until it returns
-		defer runtime.UnlockOSThread()
-		ap, err := netip.ParseAddrPort(addr)
-		if err != nil {
-			return err
-		}
-		sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-		// Blocking syscalls on this thread, not the runtime's poller: the figure is the
-		// kernel's path (SYN out through the nat hooks, SYN-ACK back), not goroutine wakeups.
-		for i := 0; i < n; i++ {
-			fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		var sas []*unix.SockaddrInet4
+		for _, addr := range addrs {
+			ap, err := netip.ParseAddrPort(addr)
 			if err != nil {
 				return err
 			}
-			t0 := time.Now()
-			err = unix.Connect(fd, sa)
-			d := time.Since(t0)
-			_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-			unix.Close(fd)
-			if err != nil {
-				return fmt.Errorf("connect %s: %w", addr, err)
+			sas = append(sas, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()})
+		}
+		// Blocking syscalls on this (locked) thread, not the runtime's poller: the figure is
+		// the kernel's path (SYN out through the nat hooks, SYN-ACK back), not goroutine wakeups.
+		for i := 0; i < n; i++ {
+			for k, sa := range sas {
+				fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+				if err != nil {
+					return err
+				}
+				t0 := time.Now()
+				err = unix.Connect(fd, sa)
+				d := time.Since(t0)
+				_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+				unix.Close(fd)
+				if err != nil {
+					return fmt.Errorf("connect %s: %w", addrs[k], err)
+				}
+				out[k] = append(out[k], float64(d.Nanoseconds())/1e3)
 			}
-			out = append(out, float64(d.Nanoseconds())/1e3)
 		}
 		return nil
 	})
-	sort.Float64s(out)
+	for _, ts := range out {
+		sort.Float64s(ts)
+	}
 	return out, err
 }

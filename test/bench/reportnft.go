@@ -143,7 +143,7 @@ func (r *report) markdownNFT() string {
 	if r.Opts.Only["CONN"] {
 		w("\n### A new connection through a claim (µs, median of %d connects)\n\n", r.Opts.ConnRuns)
 		w("From the node's namespace to its cni0 address, host port %d, DNATed in the output hook to a real pod (veth on cni0) "+
-			"whose listener completes the handshake; `direct` is the same connect straight to the pod (no DNAT). claim − direct is "+
+			"whose listener completes the handshake; `direct` is the same connect straight to the pod (no DNAT), alternating with the first. claim − direct is "+
 			"what the plugin's rules add to every new connection (blocking connect(2) on one thread, socket closed with RST).\n\n", connPort)
 		b.WriteString(row("M", "N", "plugin", "through the claim", "p90", "direct", "claim − direct"))
 		b.WriteString(row("---:", "---:", "---", "---:", "---:", "---:", "---:"))
