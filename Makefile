@@ -113,8 +113,13 @@ ldflags:
 demo: deps build
 	bash test/demo/demo.sh
 
+# Both comparisons: portguard vs upstream portmap on iptables, then portguard's nftables
+# backend vs upstream's (BENCH_NFT_ARGS; test/bench/README.md). BENCH_NFT_ARGS=skip skips it;
+# BENCH_ARGS=-quick makes both quick.
+BENCH_NFT_ARGS ?= $(if $(findstring -quick,$(BENCH_ARGS)),-quick,-n 0,1000,5000 -runs 9)
 bench: deps build
 	$(GO) run ./test/bench $(BENCH_ARGS)
+	if [ "$(BENCH_NFT_ARGS)" != skip ]; then $(GO) run ./test/bench -backend nftables $(BENCH_NFT_ARGS); fi
 
 stress: deps build
 	PORTGUARD_STRESS_OPS=5000 $(GO) test -count=1 -timeout 60m -run 'TestCrash' -v ./test/stress/

@@ -145,7 +145,7 @@ func parseFlags(args []string) (options, error) {
 	drainRuns := fs.Int("drain-runs", 1, "drains per plugin and scenario (median reported; plugins alternate)")
 	// Upstream's drain at N = 5,000 alone takes minutes (100 ADDs of ~1 s each, 10 at a time on 2 cores).
 	drainMaxN := fs.Int("drain-max-n", 1000, "drain only in scenarios with at most this many existing attachments")
-	quick := fs.Bool("quick", false, "CI smoke mode: M=2000, N=0,100, 5 runs, drain of 20")
+	quick := fs.Bool("quick", false, "CI smoke mode: M=2000, N=0,100, 5 runs, drain of 20 (-backend nftables: 200 services, 200 connects)")
 	payload := fs.String("payload", "", "only write the iptables-restore payload for the first -m and -n to this file, and exit")
 	pgBin, upBin := defaultBins()
 	fs.StringVar(&pgBin, "portguard", pgBin, "portguard plugin binary ($PORTGUARD_BIN_DIR/portguard)")
@@ -173,6 +173,12 @@ func parseFlags(args []string) (options, error) {
 		}
 		if !set["range"] {
 			*rng = 2000
+		}
+		if !set["services"] {
+			*services = 200
+		}
+		if !set["conn-runs"] {
+			*connRuns = 200
 		}
 	}
 	if *backendF != "iptables" && *backendF != "nftables" {
