@@ -24,6 +24,9 @@ type plugin struct {
 	// NS is the plugin's own node network namespace (-backend nftables); "" is the
 	// scenario runner's, shared by every plugin (-backend iptables).
 	NS string `json:"ns,omitempty"`
+	// Empty: the plugin's node has no existing attachments whatever the scenario's N (the
+	// same-run baseline of the flatness table).
+	Empty bool `json:"empty,omitempty"`
 }
 
 // portguard reports whether p is a build of portguard (whatever its backend).

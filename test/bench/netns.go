@@ -109,6 +109,10 @@ func runBench(opts options) (*report, error) {
 			{Name: "upstream-nft", Type: "portmap", Path: opts.UpstreamBin, Backend: "nftables"},
 			{Name: "portguard-nft", Type: "portguard", Path: opts.PortguardBin, Backend: "nftables"},
 			{Name: "upstream", Type: "portmap", Path: opts.UpstreamBin},
+			// The same build on a node without attachments, interleaved with the others:
+			// flatness in N measured within one scenario, not across scenarios run minutes
+			// apart on a machine whose load moves.
+			{Name: pgNFT0, Type: "portguard", Path: opts.PortguardBin, Backend: "nftables", Empty: true},
 		}
 	}
 	for _, p := range candidates {

@@ -70,7 +70,7 @@ func TestReportWellFormedNFT(t *testing.T) {
 	if !opts.Only["CONN"] || opts.Only["TAKEOVER"] {
 		t.Errorf("default ops of -backend nftables: %v", opts.Only)
 	}
-	names := []string{upNFT, pgNFT, upIPT}
+	names := []string{upNFT, pgNFT, upIPT, pgNFT0}
 	rep := &report{Opts: opts, Machine: machineInfo(), Plugins: map[string]string{}, Present: map[string]bool{}, Elapsed: time.Second}
 	for _, n := range names {
 		rep.Plugins[n], rep.Present[n] = "x", true
@@ -89,7 +89,7 @@ func TestReportWellFormedNFT(t *testing.T) {
 	}
 	md := rep.markdown()
 	tables := mdTables(md)
-	if len(tables) != 5 { // verbs, flatness, drain, conn, checks
+	if len(tables) != 5 { // verbs, flatness, drain, conn, checks (the baseline plugin absent: "not built" cells)
 		t.Fatalf("%d tables, want 5:\n%s", len(tables), md)
 	}
 	for i, tb := range tables {
@@ -104,6 +104,9 @@ func TestReportWellFormedNFT(t *testing.T) {
 	}
 	if r := tables[0][2]; r[3] != "20.0 ms" || r[7] != "1.0×" {
 		t.Errorf("first row %v: want median 20.0 ms, ratio 1.0×", r)
+	}
+	if r := tables[1][2]; r[5] != "1.0×" {
+		t.Errorf("flatness row %v: N / none want 1.0×", r)
 	}
 	if r := tables[3][2]; r[6] != "+10.0" {
 		t.Errorf("conn row %v: claim − direct want +10.0", r)

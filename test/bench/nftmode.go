@@ -60,9 +60,13 @@ func setupPluginNode(cfg scenarioConfig, p plugin) (foreign, cni, chains int, er
 			return 0, 0, 0, err
 		}
 	}
+	existing := cfg.N
+	if p.Empty {
+		existing = 0
+	}
 	n := 0
 	if p.Backend == "" {
-		n = cfg.N // upstream's iptables backend: the attachments are iptables rules
+		n = existing // upstream's iptables backend: the attachments are iptables rules
 	}
 	payload, foreign, cni := natPayload(cfg.M, n)
 	c := inNS(p.NS, "iptables-restore", "-w")
@@ -79,17 +83,17 @@ func setupPluginNode(cfg scenarioConfig, p plugin) (foreign, cni, chains int, er
 	}
 	switch {
 	case p.Backend == "nftables" && !p.portguard():
-		if cfg.N > 0 {
-			if err := nftLoad(p.NS, upstreamNFTTable(cfg.N)); err != nil {
+		if existing > 0 {
+			if err := nftLoad(p.NS, upstreamNFTTable(existing)); err != nil {
 				return 0, 0, 0, fmt.Errorf("upstream cni_hostport: %w", err)
 			}
 		}
-		cni = 4 * cfg.N
+		cni = 4 * existing
 	case p.portguard() && p.Backend == "nftables":
-		if err := prefillPortguard(p.NS, cfg.N); err != nil {
+		if err := prefillPortguard(p.NS, existing); err != nil {
 			return 0, 0, 0, fmt.Errorf("portguard table: %w", err)
 		}
-		cni = 3 * cfg.N
+		cni = 3 * existing
 	}
 	return foreign, cni, chains, nil
 }

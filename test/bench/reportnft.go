@@ -10,9 +10,10 @@ import (
 )
 
 const (
-	upNFT = "upstream-nft"
-	pgNFT = "portguard-nft"
-	upIPT = "upstream"
+	upNFT  = "upstream-nft"
+	pgNFT  = "portguard-nft"
+	upIPT  = "upstream"
+	pgNFT0 = "portguard-nft-n0" // portguard-nft on a node with no existing attachment
 )
 
 func (r *report) markdownNFT() string {
@@ -22,7 +23,7 @@ func (r *report) markdownNFT() string {
 	w("- machine: %d CPUs (%s), kernel %s, %s, %s; load average %s at start, %s at end\n",
 		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.Machine.IPTables, r.Machine.Go, r.Machine.LoadAvg, loadAvg())
 	w("- command: `%s` (as root; `make bench BENCH_ARGS='...'` runs the same)\n", r.Opts.Command)
-	w("- %s: %s\n- %s: %s\n- %s (context): %s\n", upNFT, r.Plugins[upNFT], pgNFT, r.Plugins[pgNFT], upIPT, r.Plugins[upIPT])
+	w("- %s: %s\n- %s: %s\n- %s (context): %s\n- %s: the portguard-nft build on a node without attachments (the flatness baseline)\n", upNFT, r.Plugins[upNFT], pgNFT, r.Plugins[pgNFT], upIPT, r.Plugins[upIPT], pgNFT0)
 	w("- %s, total %s\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.Elapsed.Round(time.Second))
 	w("- Each plugin runs on a node namespace of its own, loaded alike: M kube-proxy-like iptables-nft nat rules and kube-proxy's "+
 		"nftables-mode table (`ip kube-proxy`, %d services, verdict maps, a chain per service and per endpoint), plus N existing "+
@@ -73,29 +74,29 @@ func (r *report) markdownNFT() string {
 		}
 	}
 
-	// Flatness: each verb's median against the smallest N of the run.
-	if len(r.Scenarios) > 1 {
-		w("\n### Flat in N? median at N / median at N = %d (same run)\n\n", r.Scenarios[0].N)
-		b.WriteString(row("M", "N", "op", pgNFT, upNFT))
-		b.WriteString(row("---:", "---:", "---", "---:", "---:"))
-		for _, s := range r.Scenarios[1:] {
-			var s0 *scenarioResult
-			for i := range r.Scenarios {
-				if r.Scenarios[i].M == s.M && s0 == nil {
-					s0 = &r.Scenarios[i]
-				}
+	// Flatness: each verb's median against the same build's on a node without attachments,
+	// in the same scenario (interleaved), and, across scenarios, against the first N's.
+	w("\n### Flat in N? portguard-nft at N / the same build on a node with no attachment (%s), same rounds\n\n", pgNFT0)
+	w("Both nodes carry the same kube-proxy rules and table; the calls alternate round by round, so the machine's load hits both. Target: within 1.2× at N = 5,000. The last columns compare medians across scenarios (minutes apart).\n\n")
+	b.WriteString(row("M", "N", "op", pgNFT+" median", pgNFT0+" median", "N / none", pgNFT+" vs first N", upNFT+" vs first N"))
+	b.WriteString(row("---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"))
+	for _, s := range r.Scenarios {
+		if s.Err != "" {
+			continue
+		}
+		var s0 *scenarioResult
+		for i := range r.Scenarios {
+			if r.Scenarios[i].M == s.M && r.Scenarios[i].Err == "" && s0 == nil {
+				s0 = &r.Scenarios[i]
 			}
-			if s.Err != "" || s0 == nil || s0.N == s.N {
+		}
+		for _, op := range ops {
+			if !r.Opts.Only[op] {
 				continue
 			}
-			for _, op := range ops {
-				if !r.Opts.Only[op] {
-					continue
-				}
-				b.WriteString(row(fmt.Sprint(s.M), fmt.Sprint(s.N), op,
-					fmtRatio(med(get(s, s.Ops, pgNFT, op)), med(get(*s0, s0.Ops, pgNFT, op))),
-					fmtRatio(med(get(s, s.Ops, upNFT, op)), med(get(*s0, s0.Ops, upNFT, op)))))
-			}
+			pg, pg0 := get(s, s.Ops, pgNFT, op), get(s, s.Ops, pgNFT0, op)
+			b.WriteString(row(fmt.Sprint(s.M), fmt.Sprint(s.N), op, msCell(pg, median), msCell(pg0, median), fmtRatio(med(pg), med(pg0)),
+				fmtRatio(med(pg), med(get(*s0, s0.Ops, pgNFT, op))), fmtRatio(med(get(s, s.Ops, upNFT, op)), med(get(*s0, s0.Ops, upNFT, op)))))
 		}
 	}
 
@@ -116,6 +117,9 @@ func (r *report) markdownNFT() string {
 				var cells, fails []string
 				for _, name := range []string{upNFT, pgNFT, upIPT} {
 					d := findDrain(s.Drain, name)
+					if !r.Present[name] {
+						d = nil
+					}
 					t[name] = math.NaN()
 					if d == nil {
 						cells = append(cells, "not built")
@@ -168,7 +172,7 @@ func (r *report) markdownNFT() string {
 			continue
 		}
 		var eff []string
-		for _, name := range []string{upNFT, pgNFT, upIPT} {
+		for _, name := range []string{upNFT, pgNFT, upIPT, pgNFT0} {
 			if v, ok := s.Verified[name]; ok {
 				eff = append(eff, name+" "+v)
 			}
