@@ -137,8 +137,9 @@ func prefillPortguard(name string, n int) error {
 
 // nodeState returns a node's state for the before/after comparisons: the nat tables and,
 // with nft, the host-port tables of both nftables plugins; and its foreign part: the
-// KUBE-* rules and kube-proxy's nftables table.
-func nodeState(name string, nft bool) (all, foreign string, err error) {
+// KUBE-* rules and, withForeign, kube-proxy's nftables table (thousands of chains: seconds
+// to list).
+func nodeState(name string, nft, withForeign bool) (all, foreign string, err error) {
 	st, err := natStateIn(name)
 	if err != nil {
 		return "", "", err
@@ -157,6 +158,9 @@ func nodeState(name string, nft bool) (all, foreign string, err error) {
 		if err == nil {
 			b.Write(out)
 		}
+	}
+	if !withForeign {
+		return b.String(), foreign, nil
 	}
 	kp, err := runIn(name, "nft", "list", "table", "ip", "kube-proxy")
 	if err != nil {

@@ -231,16 +231,16 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 		}
 	}
 	logf("M=%d N=%d: %d foreign + %d CNI rules restored in %.0f ms", cfg.M, cfg.N, res.ForeignRules, res.CNIRules, res.SetupMs)
-	snapshot := func() (all, foreign map[string]string, err error) {
+	snapshot := func(withForeign bool) (all, foreign map[string]string, err error) {
 		all, foreign = map[string]string{}, map[string]string{}
 		for _, n := range nodes {
-			if all[n], foreign[n], err = nodeState(n, nftMode); err != nil {
+			if all[n], foreign[n], err = nodeState(n, nftMode, withForeign); err != nil {
 				return nil, nil, err
 			}
 		}
 		return all, foreign, nil
 	}
-	_, foreign0, err := snapshot()
+	_, foreign0, err := snapshot(true)
 	if err != nil {
 		return fail(err)
 	}
@@ -326,7 +326,7 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 			}
 		}
 	}
-	snapA, _, err := snapshot()
+	snapA, _, err := snapshot(false)
 	if err != nil {
 		return fail(err)
 	}
@@ -400,7 +400,7 @@ func runScenario(cfg scenarioConfig) (res scenarioResult) {
 		res.Drain = ds
 	}
 
-	snapB, foreignB, err := snapshot()
+	snapB, foreignB, err := snapshot(true)
 	if err != nil {
 		return fail(err)
 	}
