@@ -222,6 +222,25 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 			tx.RemoveUpstream(u)
 		}
 	}
+	// iptables-format claims on the same ports (iptables' nat runs first): taken over in
+	// this batch, judged like the others.
+	for _, f := range hostport.Families {
+		cs := claimsOf(d.claims, f)
+		if len(cs) == 0 {
+			continue
+		}
+		v, err := t.observeIptables(f, owner, cs)
+		if err != nil {
+			return addPlan{}, err
+		}
+		ip, err := t.planIptables(v, owner, cs)
+		if err != nil {
+			return addPlan{}, err
+		}
+		tx.RemoveIptables(ip.ops...)
+		p.takeovers = append(p.takeovers, ip.takeovers...)
+		p.conflicts = append(p.conflicts, ip.conflicts...)
+	}
 	// A victim left with no claim loses its masquerade entries too, and its takeover says
 	// so (ChainRemoved: the engine then drops its record). Takeovers are rare, so the
 	// whole table is read only then.
@@ -417,8 +436,10 @@ func (b *Backend) removeOwner(tx *Tx, dump Dump, owner hostport.Owner, pods map[
 	return any, nil
 }
 
-// Del removes the attachment's elements, masquerade entries and upstream-format leftovers
-// of this container in one batch; nothing of it there is success (idempotent). It reads the
+// Del removes the attachment's elements, masquerade entries, upstream-format leftovers of
+// this container and its own iptables-format chain (iptLeftoverOps: an attachment ADDed
+// by an iptables backend before the node switched) in one batch; nothing of it there is
+// success (idempotent). It reads the
 // whole table (Dump), so it also finds the elements of an attachment whose mappings the
 // DEL does not carry.
 func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family, error) {
@@ -427,8 +448,17 @@ func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family
 		return nil, backend.Mark(err, backend.ErrUnusable)
 	}
 	err = t.rewrite("DEL of "+owner.String(), func(tx *Tx, dump Dump) error {
-		_, err := b.removeOwner(tx, dump, owner, c.PodIPs)
-		return err
+		if _, err := b.removeOwner(tx, dump, owner, c.PodIPs); err != nil {
+			return err
+		}
+		for _, f := range hostport.Families {
+			ops, err := t.iptLeftoverOps(f, owner)
+			if err != nil {
+				return err
+			}
+			tx.RemoveIptables(ops...)
+		}
+		return nil
 	})
 	return nil, err
 }
@@ -506,6 +536,18 @@ func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error
 				break
 			}
 		}
+	}
+	for _, f := range hostport.Families {
+		cs := claimsOf(d.claims, f)
+		if len(cs) == 0 {
+			continue
+		}
+		v, err := t.observeIptables(f, owner, cs)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+			continue
+		}
+		problems = append(problems, iptShadows(v, owner, cs)...)
 	}
 	earlier, err := t.EarlierNAT()
 	if err != nil {

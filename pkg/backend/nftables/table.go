@@ -73,6 +73,7 @@ type Tx struct {
 	delMasq []MasqElement
 	addMasq []MasqElement
 	delUp   []UpstreamRule
+	delIpt  []nft.Op // iptables-format claims taken over (RemoveIptables)
 
 	addSubnets []netip.Prefix
 }
