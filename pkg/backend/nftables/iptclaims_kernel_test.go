@@ -89,7 +89,9 @@ func TestKernelIptablesTakeoverIsOneBatch(t *testing.T) {
 	k.mustAdd(k.attachment(x, claim(hostport.V4, "tcp", 9090)))
 	k.expect("tcp", k.NodeIP4, 8080, "A")
 	k.expect("tcp", k.NodeIP6, 8080, "A")
-	save := func() string { return testbed.Normalize(k.MustSaveNAT(testbed.V4)) + testbed.Normalize(k.MustSaveNAT(testbed.V6)) }
+	save := func() string {
+		return testbed.Normalize(k.MustSaveNAT(testbed.V4)) + testbed.Normalize(k.MustSaveNAT(testbed.V6))
+	}
 	before := save()
 
 	// 9090 is X's element, which this transaction does not remove: refused whole.
