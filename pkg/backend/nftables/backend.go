@@ -229,6 +229,11 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 		if len(cs) == 0 {
 			continue
 		}
+		if legacy, err := t.legacyClaims(f, cs); err != nil {
+			return addPlan{}, err
+		} else if len(legacy) > 0 {
+			return addPlan{}, refuseLegacy(legacy)
+		}
 		v, err := t.observeIptables(f, owner, cs)
 		if err != nil {
 			return addPlan{}, err
@@ -541,6 +546,13 @@ func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error
 		cs := claimsOf(d.claims, f)
 		if len(cs) == 0 {
 			continue
+		}
+		if legacy, err := t.legacyClaims(f, cs); err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+		} else {
+			for _, l := range legacy {
+				problems = append(problems, l+": it runs before portguard's claims")
+			}
 		}
 		v, err := t.observeIptables(f, owner, cs)
 		if err != nil {

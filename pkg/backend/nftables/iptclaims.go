@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/portguard/portguard/pkg/backend"
 	"github.com/portguard/portguard/pkg/hostport"
@@ -266,4 +267,35 @@ func (t *Table) iptLeftoverOps(f hostport.Family, owner hostport.Owner) ([]nft.O
 		return nil, nil // entered from outside CNI-HOSTPORT-DNAT: not a shape either writer leaves
 	}
 	return t.nl.TakeOps(f, chain, jumpPorts(own.Jumps), nil)
+}
+
+// legacyClaims lists, for family f, the jumps of iptables-legacy's CNI-HOSTPORT-DNAT that
+// match one of claims' protocol and port. They run before portguard's table (iptables'
+// nat, priority -100) and this backend cannot delete them (netlink reaches nf_tables
+// only), so ADD refuses them whatever their owner's state, and CHECK reports them. The
+// host IP is judged by the jump alone (it lives in the CNI-DN chain, which is not read):
+// a legacy claim on another host IP of the same port refuses too. The read happens only
+// where the legacy nat table exists (xtlegacy.Reader.Present), so a node without one pays
+// a file read.
+func (t *Table) legacyClaims(f hostport.Family, claims []hostport.Claim) ([]string, error) {
+	js, err := t.legacy.Jumps(f)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, j := range js {
+		for _, c := range claims {
+			if j.HasPort(c.Proto, c.HostPort) {
+				out = append(out, fmt.Sprintf("%s is claimed in iptables-legacy's nat table by %s (%s)", c, ownerName(j.Owner), iptChain(f, j.Chain)))
+				break
+			}
+		}
+	}
+	return out, nil
+}
+
+// refuseLegacy is ADD's answer to legacy claims on its ports (legacyClaims).
+func refuseLegacy(found []string) error {
+	return backend.Mark(fmt.Errorf("%s: the nftables backend cannot remove iptables-legacy rules, and they run before its own; remove them with iptables-legacy or with the iptables backend (CNI DEL, portguardctl repair) first",
+		strings.Join(found, "; ")), backend.ErrInUse)
 }
