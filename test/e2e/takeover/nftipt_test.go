@@ -2,6 +2,7 @@ package takeover
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -277,5 +278,63 @@ func TestNoIptablesNodePicksNFTables(t *testing.T) {
 	noNAT("after DEL")
 	if calls := b.ShimCalls(); len(calls) != 0 {
 		t.Errorf("iptables processes ran: %v", calls)
+	}
+}
+
+// iptables-legacy rules cannot be deleted over netlink: a legacy claim on the port refuses
+// the nftables backend's ADD with code 100, naming iptables-legacy, and changes nothing
+// (the legacy claim keeps answering); CHECK of a pod whose port a legacy claim takes
+// afterwards says so.
+func TestNFTablesLegacyClaimRefused(t *testing.T) {
+	if _, err := exec.LookPath("iptables-legacy-restore"); err != nil {
+		t.Skipf("iptables-legacy-restore: %v", err)
+	}
+	b := newBed(t)
+	n := nftNet(b, testbed.NetConfig{})
+	x := b.NewPod("X")
+	x.Serve(80)
+	n.MustAdd(x, testbed.TCP(8101, 80))
+	l := b.NewPod("L")
+	l.Serve(80)
+	n.MustAdd(l) // an address, no port: the legacy rule below gives it 8100
+	chain := testbed.ChainName("legacy", l.ContainerID)
+	legacy := func(port int) {
+		payload := fmt.Sprintf(`*nat
+:CNI-HOSTPORT-DNAT - [0:0]
+:%[1]s - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT
+-A CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"legacy\" id: \"%[2]s\"" -m multiport --dports %[3]d -j %[1]s
+-A %[1]s -p tcp -m tcp --dport %[3]d -j DNAT --to-destination %[4]s:80
+COMMIT
+`, chain, l.ContainerID, port, l.IP(testbed.V4))
+		b.MustExec(b.Node, "sh", "-c", "iptables-legacy-restore --noflush <<'EOF'\n"+payload+"EOF\n")
+	}
+	legacy(8100)
+	wantAnswer(t, b, "tcp", b.NodeIP4, 8100, "L")
+
+	before := nftTable(t, b)
+	c := b.NewPod("C")
+	c.Serve(80)
+	prev := n.MustAdd(c)
+	res, err := reAdd(t, b, n, c, prev.Stdout, testbed.TCP(8100, 80))
+	if err == nil {
+		t.Fatalf("ADD on a port of an iptables-legacy claim succeeded:\n%s", res.Stderr)
+	}
+	if code := cniCode(res.Stdout); code != refusedCode || !strings.Contains(res.Stdout, "iptables-legacy") || !strings.Contains(res.Stdout, chain) {
+		t.Errorf("refused ADD: stdout %q, want code %d naming iptables-legacy and %s", res.Stdout, refusedCode, chain)
+	}
+	if after := nftTable(t, b); after != before {
+		t.Errorf("refused ADD changed portguard's table:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	wantAnswer(t, b, "tcp", b.NodeIP4, 8100, "L")
+
+	// A legacy claim written after X's ADD on X's port gets X's packets; CHECK says so.
+	if err := n.Check(x); err != nil {
+		t.Fatalf("CHECK of X before: %v", err)
+	}
+	legacy(8101)
+	wantAnswer(t, b, "tcp", b.NodeIP4, 8101, "L")
+	if err := n.Check(x); err == nil || !strings.Contains(err.Error(), "iptables-legacy") {
+		t.Errorf("CHECK of X with a legacy claim on its port: %v", err)
 	}
 }
