@@ -338,3 +338,43 @@ COMMIT
 		t.Errorf("CHECK of X with a legacy claim on its port: %v", err)
 	}
 }
+
+// conflictPolicy holds for iptables claims as for every other: reject refuses even a dead
+// owner's claim (code 100, nothing changed), force takes a live owner's port.
+func TestNFTablesIptablesClaimPolicies(t *testing.T) {
+	b := newBed(t)
+	old, _ := pgNet(b, testbed.NetConfig{}, nil)
+	reject, _ := pgNet(b, testbed.NetConfig{Bridge: "cni1"}, map[string]any{"backend": "nftables", "conflictPolicy": "reject"})
+	force, _ := pgNet(b, testbed.NetConfig{Bridge: "cni2"}, map[string]any{"backend": "nftables", "conflictPolicy": "force"})
+
+	dead := b.NewPod("D")
+	dead.Serve(80)
+	old.MustAdd(dead, testbed.TCP(8093, 80))
+	dead.Kill()
+	natBefore := normalizedNAT(t, b, testbed.V4)
+	r := b.NewPod("R")
+	r.Serve(80)
+	prev := reject.MustAdd(r)
+	res, err := reAdd(t, b, reject, r, prev.Stdout, testbed.TCP(8093, 80))
+	if err == nil || cniCode(res.Stdout) != refusedCode {
+		t.Errorf("conflictPolicy reject on a dead iptables claim: %v, stdout %q; want code %d", err, res.Stdout, refusedCode)
+	}
+	if after := normalizedNAT(t, b, testbed.V4); after != natBefore {
+		t.Errorf("the refused ADD changed nat:\nbefore:\n%s\nafter:\n%s", natBefore, after)
+	}
+
+	live := b.NewPod("L")
+	live.Serve(80)
+	old.MustAdd(live, testbed.TCP(8094, 80))
+	f := b.NewPod("F")
+	f.Serve(80)
+	force.MustAdd(f, testbed.TCP(8094, 80))
+	for _, fam := range families {
+		wantAnswer(t, b, "tcp", b.NodeIP(fam), 8094, "F")
+	}
+	for _, fam := range families {
+		if js := jumps(b, fam, live.Chain(old)); len(js) != 0 {
+			t.Errorf("%s: the live pod's jumps stayed under force: %q", fam, js)
+		}
+	}
+}
