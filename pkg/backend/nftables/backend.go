@@ -338,8 +338,11 @@ func retryable(err error) bool {
 // chains are ensured first, then the claims are observed, every conflict goes through
 // h.Decide before anything of the attachment is written, h.Record runs before the first
 // commit, and the batch removes this owner's outdated elements, the taken-over claims
-// (upstream cni_hostport rules included) and creates the missing ones. A re-ADD of the
-// same attachment commits nothing. When another writer commits in between, it observes,
+// (upstream cni_hostport rules and iptables-nft CNI-DN claims included, see
+// iptclaims.go) and this owner's iptables-format leftover, and creates the missing ones.
+// An iptables-legacy claim on a claimed port ends the call (backend.ErrInUse) before
+// anything of the attachment is written: netlink cannot remove it. A re-ADD of the same
+// attachment commits nothing. When another writer commits in between, it observes,
 // plans and decides again, up to maxAttempts times.
 func (b *Backend) Add(c *config.Config, owner hostport.Owner, _ bool, h backend.Hooks) ([]backend.Takeover, error) {
 	t, err := b.table()
@@ -444,9 +447,8 @@ func (b *Backend) removeOwner(tx *Tx, dump Dump, owner hostport.Owner, pods map[
 // Del removes the attachment's elements, masquerade entries, upstream-format leftovers of
 // this container and its own iptables-format chain (iptLeftoverOps: an attachment ADDed
 // by an iptables backend before the node switched) in one batch; nothing of it there is
-// success (idempotent). It reads the
-// whole table (Dump), so it also finds the elements of an attachment whose mappings the
-// DEL does not carry.
+// success (idempotent). It reads the whole table (Dump), so it also finds the elements of
+// an attachment whose mappings the DEL does not carry.
 func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family, error) {
 	t, err := b.table()
 	if err != nil {
@@ -474,7 +476,8 @@ func (b *Backend) DelRest(hostport.Owner, []hostport.Family) error { return nil 
 // Check reports what differs from the attachment c describes: the layout (Verify), each
 // claim's element (present, this owner's, the right destination and conditions), the
 // masquerade entries with snat, and what would shadow a claim because it DNATs first:
-// upstream cni_hostport rules for the same port, and nat chains of other tables hooked
+// upstream cni_hostport rules for the same port, iptables CNI claims of the same port
+// (iptables-nft and iptables-legacy, live or not), and nat chains of other tables hooked
 // before iptables' nat (priority below -100; those at -100, iptables' nat and kube-proxy,
 // run first by design, see PriorityDNAT).
 func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error) {
