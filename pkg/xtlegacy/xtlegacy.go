@@ -46,11 +46,15 @@ var ErrUnsupported = errors.New("reading the legacy nat table is not supported o
 type Reader struct {
 	names map[hostport.Family]*os.File // nil: the kernel has no x_tables of the family
 	socks map[hostport.Family]int
+	// sockErr is why a family's socket could not be opened (e.g. IPv6 disabled); it is
+	// only an error when that family has a legacy nat table to read.
+	sockErr map[hostport.Family]error
 }
 
-// Open opens a Reader in the calling thread's network namespace.
+// Open opens a Reader in the calling thread's network namespace. A family whose socket
+// cannot be opened (IPv6 disabled) fails only the reads of a legacy table it has.
 func Open() (*Reader, error) {
-	r := &Reader{names: map[hostport.Family]*os.File{}, socks: map[hostport.Family]int{}}
+	r := &Reader{names: map[hostport.Family]*os.File{}, socks: map[hostport.Family]int{}, sockErr: map[hostport.Family]error{}}
 	dir := "/proc/thread-self/net"
 	if _, err := os.Stat(dir); err != nil {
 		dir = "/proc/net" // kernels before 3.17; a plugin's threads share one namespace
@@ -71,8 +75,8 @@ func Open() (*Reader, error) {
 		r.names[f] = file
 		fd, err := socket(f)
 		if err != nil {
-			r.Close()
-			return nil, err
+			r.sockErr[f] = err
+			continue
 		}
 		r.socks[f] = fd
 	}
@@ -114,6 +118,9 @@ func (r *Reader) Present(f hostport.Family) (bool, error) {
 func (r *Reader) Jumps(f hostport.Family) ([]Jump, error) {
 	ok, err := r.Present(f)
 	if err != nil || !ok {
+		return nil, err
+	}
+	if err := r.sockErr[f]; err != nil {
 		return nil, err
 	}
 	blob, err := entries(r.socks[f], f)
