@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 
@@ -211,5 +212,34 @@ func TestKernelIptablesPartialTakeoverOfBigVictim(t *testing.T) {
 	}
 	if rules := strings.Join(nat.Rules[chain], "\n"); strings.Contains(rules, "8105") || len(nat.Rules[chain]) != len(ports)-1 {
 		t.Errorf("rules of %s:\n%s", chain, rules)
+	}
+}
+
+// A rule of CNI-HOSTPORT-DNAT whose shape the decoder does not know may claim any port:
+// the observation of ADD and CHECK refuses (ErrIptablesUnreadable) rather than miss a
+// claim, and DEL's removal of the attachment's own leftover goes on without reading it.
+func TestKernelIptablesUnreadableRuleRefuses(t *testing.T) {
+	t.Parallel()
+	k := newKBed(t)
+	a, b := k.pod("A"), k.pod("B")
+	k.iptablesClaim(testbed.V4, a, nil, 8080)
+	k.MustIPTables(testbed.V4, "-t", "nat", "-I", "CNI-HOSTPORT-DNAT", "-m", "conntrack", "--ctstate", "NEW", "-j", "RETURN")
+	cs := []hostport.Claim{claim(hostport.V4, "tcp", 8080)}
+	if _, err := k.tab.observeIptables(hostport.V4, owner(b), cs); !errors.Is(err, ErrIptablesUnreadable) {
+		t.Fatalf("observation with an unknown rule: %v, want ErrIptablesUnreadable", err)
+	}
+	// The attachment's own chain is found by name and removed without reading the rest.
+	own := k.iptablesClaim(testbed.V4, b, nil, 8081)
+	ops, err := k.tab.iptLeftoverOps(hostport.V4, owner(b))
+	if err != nil || len(ops) == 0 {
+		t.Fatalf("leftover of B beside an unknown rule: %d ops, %v", len(ops), err)
+	}
+	tx, _ := k.tab.Begin()
+	tx.RemoveIptables(ops...)
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if d := k.DNChains(testbed.V4); slices.Contains(d, own) || len(d) != 1 {
+		t.Errorf("chains after removing B's leftover: %v", d)
 	}
 }
