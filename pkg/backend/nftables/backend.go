@@ -229,6 +229,30 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 			tx.RemoveUpstream(u)
 		}
 	}
+	// iptables-format claims on the same ports (iptables' nat runs first): taken over in
+	// this batch, judged like the others.
+	for _, f := range hostport.Families {
+		cs := claimsOf(d.claims, f)
+		if len(cs) == 0 {
+			continue
+		}
+		if legacy, err := t.legacyClaims(f, cs); err != nil {
+			return addPlan{}, err
+		} else if len(legacy) > 0 {
+			return addPlan{}, refuseLegacy(legacy)
+		}
+		v, err := t.observeIptables(f, owner, cs)
+		if err != nil {
+			return addPlan{}, err
+		}
+		ip, err := t.planIptables(v, owner, cs)
+		if err != nil {
+			return addPlan{}, err
+		}
+		tx.RemoveIptables(ip.ops...)
+		p.takeovers = append(p.takeovers, ip.takeovers...)
+		p.conflicts = append(p.conflicts, ip.conflicts...)
+	}
 	// A victim left with no claim loses its masquerade entries too, and its takeover says
 	// so (ChainRemoved: the engine then drops its record). Takeovers are rare, so the
 	// whole table is read only then.
@@ -369,10 +393,13 @@ func retryable(err error) bool {
 // chains are ensured first, then the claims are observed, every conflict goes through
 // h.Decide before anything of the attachment is written, h.Record runs before the first
 // commit, and the batch removes this owner's outdated elements, the taken-over claims
-// (upstream cni_hostport rules included) and creates the missing ones. A re-ADD of the
-// same attachment commits nothing; a re-ADD with other mappings or pod addresses also
-// removes the owner's claims and masquerade entries it no longer wants (dropOwnLeftovers:
-// a re-ADD reads the whole table, a first ADD only its keys). When another writer commits in between, it observes,
+// (upstream cni_hostport rules and iptables-nft CNI-DN claims included, see
+// iptclaims.go) and this owner's iptables-format leftover, and creates the missing ones.
+// An iptables-legacy claim on a claimed port ends the call (backend.ErrInUse) before
+// anything of the attachment is written: netlink cannot remove it. A re-ADD of the same
+// attachment commits nothing; a re-ADD with other mappings or pod addresses also removes
+// the owner's claims and masquerade entries it no longer wants (dropOwnLeftovers: a re-ADD
+// reads the whole table, a first ADD only its keys). When another writer commits in between, it observes,
 // plans and decides again, up to maxAttempts times.
 func (b *Backend) Add(c *config.Config, owner hostport.Owner, _ bool, h backend.Hooks) ([]backend.Takeover, error) {
 	t, err := b.table()
@@ -485,14 +512,19 @@ func (b *Backend) removeUpstream(tx *Tx, owner hostport.Owner, pods map[hostport
 	return any, nil
 }
 
-// Del removes the attachment's elements, masquerade entries and upstream-format leftovers
-// of this container in one batch; nothing of it there is success (idempotent).
+// Del removes the attachment's elements, masquerade entries, upstream-format leftovers of
+// this container and its own iptables-format chain (iptLeftoverOps: an attachment ADDed
+// by an iptables backend before the node switched) in one batch; nothing of it there is
+// success (idempotent).
 //
 // It finds them by key: the claims of the DEL's portMappings in each family (the pod's, or
 // both when the DEL carries no prevResult), the masquerade entries of the pod's addresses and
-// of the destinations of the claims found, so its cost does not grow with the table. Only a
-// DEL that carries no portMappings, or finds nothing of the owner at its keys (a repeated
-// DEL, or mappings other than ADD's), reads the whole table (Dump) to find what is left.
+// of the destinations of the claims found, the iptables chain by its name, so its cost does
+// not grow with the table. Only a DEL that carries no portMappings, or finds no claim of the
+// owner at its keys (a repeated DEL, a DEL after a takeover, or mappings other than ADD's),
+// reads the whole table (Dump) to find what is left. A DEL whose mappings share only some
+// keys with ADD's leaves the claims under the others: they are the owner's until GC, or
+// until an ADD of their port finds the owner gone and takes them over.
 func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family, error) {
 	t, err := b.table()
 	if err != nil {
@@ -501,18 +533,35 @@ func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family
 	if claims := delClaims(c); len(claims) > 0 {
 		found := false
 		err := t.retry("DEL of "+owner.String(), func(tx *Tx) (err error) {
-			found, err = b.removeByKey(tx, claims, owner, c.PodIPs)
-			return err
+			if found, err = b.removeByKey(tx, claims, owner, c.PodIPs); err != nil || !found {
+				return err
+			}
+			return t.removeIptLeftovers(tx, owner)
 		})
 		if err != nil || found {
 			return nil, err
 		}
 	}
 	err = t.rewrite("DEL of "+owner.String(), func(tx *Tx, dump Dump) error {
-		_, err := b.removeOwner(tx, dump, owner, c.PodIPs)
-		return err
+		if _, err := b.removeOwner(tx, dump, owner, c.PodIPs); err != nil {
+			return err
+		}
+		return t.removeIptLeftovers(tx, owner)
 	})
 	return nil, err
+}
+
+// removeIptLeftovers adds to tx the removal of the owner's own iptables-format chain in
+// each family (iptLeftoverOps; a point read when there is none).
+func (t *Table) removeIptLeftovers(tx *Tx, owner hostport.Owner) error {
+	for _, f := range hostport.Families {
+		ops, err := t.iptLeftoverOps(f, owner)
+		if err != nil {
+			return err
+		}
+		tx.RemoveIptables(ops...)
+	}
+	return nil
 }
 
 // delClaims are the keys a DEL looks the attachment up by: each mapping's claim in every
@@ -594,7 +643,8 @@ func (b *Backend) DelRest(hostport.Owner, []hostport.Family) error { return nil 
 // Check reports what differs from the attachment c describes: the layout (Verify), each
 // claim's element (present, this owner's, the right destination and conditions), the
 // masquerade entries with snat, and what would shadow a claim because it DNATs first:
-// upstream cni_hostport rules for the same port, and nat chains of other tables hooked
+// upstream cni_hostport rules for the same port, iptables CNI claims of the same port
+// (iptables-nft and iptables-legacy, live or not), and nat chains of other tables hooked
 // before iptables' nat (priority below -100; those at -100, iptables' nat and kube-proxy,
 // run first by design, see PriorityDNAT).
 func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error) {
@@ -661,6 +711,25 @@ func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error
 				break
 			}
 		}
+	}
+	for _, f := range hostport.Families {
+		cs := claimsOf(d.claims, f)
+		if len(cs) == 0 {
+			continue
+		}
+		if legacy, err := t.legacyClaims(f, cs); err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+		} else {
+			for _, l := range legacy {
+				problems = append(problems, l+": it runs before portguard's claims")
+			}
+		}
+		v, err := t.observeIptables(f, owner, cs)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+			continue
+		}
+		problems = append(problems, iptShadows(v, owner, cs)...)
 	}
 	earlier, err := t.EarlierNAT()
 	if err != nil {
