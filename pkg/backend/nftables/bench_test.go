@@ -13,6 +13,8 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/portguard/portguard/pkg/backend"
+	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
 )
 
@@ -236,4 +238,74 @@ func benchConnection(b *testing.B, n int) {
 		b.Fatal(err)
 	}
 	b.ReportMetric(float64(total.Nanoseconds())/1e3/float64(b.N), "conn-µs")
+}
+
+// BenchmarkKernelBackendVerbs measures the verbs as the plugin runs them (Backend.Add,
+// Check and Del of a config with 2 TCP mappings and snat, a fresh Backend each, closed after
+// each call), with N attachments in the table (prefill), in a namespace of its own with no
+// other ruleset: the backend's own cost, which must not grow with N (point lookups). It
+// reports add-ms, check-ms and del-ms per call.
+//
+//	go test -run '^$' -bench KernelBackendVerbs -benchtime 50x ./pkg/backend/nftables/
+func BenchmarkKernelBackendVerbs(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	for _, n := range []int{0, 1000, 5000} {
+		b.Run(fmt.Sprintf("N=%d", n), func(b *testing.B) { benchBackendVerbs(b, n) })
+	}
+}
+
+func benchBackendVerbs(b *testing.B, n int) {
+	h := ownNetns(b)
+	c, err := config.Parse([]byte(`{"cniVersion":"1.0.0","name":"bench","type":"portguard","backend":"nftables","snat":true,
+		"runtimeConfig":{"portMappings":[{"hostPort":60000,"containerPort":80,"protocol":"tcp"},{"hostPort":60001,"containerPort":443,"protocol":"tcp"}]},
+		"prevResult":{"cniVersion":"1.0.0","interfaces":[{"name":"eth0","sandbox":"/x"}],"ips":[{"address":"10.201.0.3/16","interface":0}]}}`), "eth0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var add, check, del time.Duration
+	err = h.Do(func(ns.NetNS) error {
+		t, err := Open()
+		if err != nil {
+			return err
+		}
+		if _, err := t.Ensure(); err != nil {
+			return err
+		}
+		prefill(b, t, n)
+		t.Close()
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			o := hostport.Owner{Network: "bench", ContainerID: fmt.Sprintf("verbs%d", i)}
+			t0 := time.Now()
+			be := New()
+			if _, err := be.Add(c, o, true, backend.Hooks{}); err != nil {
+				return err
+			}
+			be.Close()
+			t1 := time.Now()
+			be = New()
+			if p, err := be.Check(c, o); err != nil || len(p) > 0 {
+				return fmt.Errorf("CHECK: %v %v", p, err)
+			}
+			be.Close()
+			t2 := time.Now()
+			be = New()
+			if _, err := be.Del(c, o); err != nil {
+				return err
+			}
+			be.Close()
+			t3 := time.Now()
+			add, check, del = add+t1.Sub(t0), check+t2.Sub(t1), del+t3.Sub(t2)
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1e3 / float64(b.N) }
+	b.ReportMetric(ms(add), "add-ms")
+	b.ReportMetric(ms(check), "check-ms")
+	b.ReportMetric(ms(del), "del-ms")
 }
