@@ -22,7 +22,7 @@ func (r *report) markdownNFT() string {
 	w("## portguard's nftables backend vs upstream portmap's nftables backend\n\n")
 	w("- machine: %d CPUs (%s), kernel %s, %s, %s; load average %s at start, %s at end\n",
 		r.Machine.NProc, r.Machine.CPU, r.Machine.Kernel, r.Machine.IPTables, r.Machine.Go, r.Machine.LoadAvg, loadAvg())
-	w("- command: `%s` (as root; `make bench BENCH_ARGS='...'` runs the same)\n", r.Opts.Command)
+	w("- command: `%s` (as root; `make bench BENCH_NFT_ARGS='...'` runs the same flags after the iptables comparison)\n", r.Opts.Command)
 	w("- %s: %s\n- %s: %s\n- %s (context): %s\n- %s: the portguard-nft build on a node without attachments (the flatness baseline)\n", upNFT, r.Plugins[upNFT], pgNFT, r.Plugins[pgNFT], upIPT, r.Plugins[upIPT], pgNFT0)
 	w("- %s, total %s\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"), r.Elapsed.Round(time.Second))
 	w("- Each plugin runs on a node namespace of its own, loaded alike: M kube-proxy-like iptables-nft nat rules and kube-proxy's "+
