@@ -34,6 +34,7 @@ build:
 	mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard ./plugins/portguard
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguardctl ./cmd/portguardctl
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard-agent ./cmd/portguard-agent
 
 # System packages the kernel tests and the demo use; busybox runs deploy/install.sh as the
 # image does (deploy/install_test.go); nft lists and edits the nftables backend's table in
@@ -102,7 +103,7 @@ release:
 	rm -rf $(DIST)
 	mkdir -p $(DIST)
 	@set -e; for p in $(RELEASE_PLATFORMS); do os=$${p%/*}; arch=$${p#*/}; \
-		for cmd in plugins/portguard cmd/portguardctl; do \
+		for cmd in plugins/portguard cmd/portguardctl cmd/portguard-agent; do \
 			out=$(DIST)/$$(basename $$cmd)-$(VERSION)-$$os-$$arch; \
 			echo "build $$out"; \
 			CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -buildvcs=false -ldflags '$(LDFLAGS)' -o $$out ./$$cmd; \

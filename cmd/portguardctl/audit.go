@@ -9,13 +9,16 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/liveness"
+	"github.com/portguard/portguard/pkg/metrics"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
 
-const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus] [--family 4|6|all]
+const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus [--textfile PATH]] [--family 4|6|all]
 
 Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
 claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain), which one
@@ -33,7 +36,9 @@ lives in it and its interface holds the destination), then every problem with it
 
 Output: -o text (default; "table" is its former name, accepted for one release), -o json
 (shape in docs/audit-json.md), -o prometheus (node-exporter textfile metrics; names in
-docs/cli.md).
+docs/cli.md, label backend="iptables"); with --textfile PATH the metrics go to PATH,
+written atomically (a temporary file in PATH's directory renamed over it), for
+node-exporter's textfile collector.
 
 Exit status: 0 healthy, 1 problems found, 2 usage or environment error. With -o prometheus:
 0 whenever the nat tables could be read, problems or not (they are in the metrics:
@@ -43,6 +48,7 @@ Examples:
   portguardctl audit
   portguardctl audit --family 4 -o json
   ip netns exec node1 portguardctl audit -o prometheus
+  portguardctl audit -o prometheus --textfile /var/lib/node_exporter/textfile/portguard.prom
 `
 
 // observeAll reads every selected family once. A family whose iptables is unusable is
@@ -85,6 +91,7 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	var ff familyFlag
 	output := fs.String("o", "text", "output format: "+formatList(textJSONOrPrometheus))
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
+	textfile := fs.String("textfile", "", "with -o prometheus: write the metrics to this file atomically (temporary file in its directory, then rename) instead of stdout")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -94,6 +101,9 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	if err := checkFormat(*output, textJSONOrPrometheus); err != nil {
 		return err
 	}
+	if *textfile != "" && *output != "prometheus" {
+		return usageError{"--textfile needs -o prometheus"}
+	}
 	render := map[string]func(io.Writer, plan.AuditReport) error{
 		"text": renderTable, "json": renderJSON, "prometheus": renderPrometheus,
 	}[*output]
@@ -102,6 +112,12 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	rep := auditStates(states, unavailable)
+	if *textfile != "" {
+		if err := metrics.WriteTextfile(*textfile, auditRegistry(rep)); err != nil {
+			return envError{fmt.Errorf("--textfile: %w", err)}
+		}
+		return nil
+	}
 	if err := render(stdout, rep); err != nil {
 		return envError{err}
 	}
@@ -198,59 +214,14 @@ func renderTable(w io.Writer, rep plan.AuditReport) error {
 	return nil
 }
 
-type metric struct {
-	name, help string
-	value      func(plan.AuditSummary) int
-}
-
-var metrics = []metric{
-	{"portguard_chains", "CNI-DN chains in the nat table.", func(s plan.AuditSummary) int { return s.Chains }},
-	{"portguard_claims", "Host-port claims (jump port x chain mapping) in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.Claims }},
-	{"portguard_host_ports", "Distinct (protocol, host port) pairs claimed.", func(s plan.AuditSummary) int { return s.HostPorts }},
-	{"portguard_shadowed_claims", "Claims shadowed by an earlier conflicting claim (problem kind shadowed-claim).", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
-	{"portguard_duplicate_claims", "Deprecated alias of portguard_shadowed_claims (same value), removed after one release.", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
-	{"portguard_duplicate_jumps", "Jumps repeated in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.DuplicateJumps }},
-	{"portguard_orphan_chains", "CNI-DN chains that no jump enters.", func(s plan.AuditSummary) int { return s.OrphanChains }},
-	{"portguard_port_mismatches", "Chains whose jump ports and DNAT ports disagree.", func(s plan.AuditSummary) int { return s.PortMismatches }},
-	{"portguard_missing_entry_jumps", "Missing PREROUTING/OUTPUT jumps to CNI-HOSTPORT-DNAT while claims exist.", func(s plan.AuditSummary) int { return s.MissingEntryJumps }},
-	{"portguard_missing_masquerade_rules", "Missing SETMARK/MASQ rules or POSTROUTING jump while chains mark packets.", func(s plan.AuditSummary) int { return s.MissingMasquerade }},
-	{"portguard_address_reuses", "Claims whose destination address now belongs to another live attachment.", func(s plan.AuditSummary) int { return s.AddressReuses }},
-	{"portguard_alive_owner_claims", "Claims whose owner was judged alive (netns, process and address present).", func(s plan.AuditSummary) int { return s.AliveOwners }},
-	{"portguard_stale_owner_claims", "Claims whose owner was judged stale (no record, or netns, process or address gone).", func(s plan.AuditSummary) int { return s.StaleOwners }},
-	{"portguard_problems", "Problems found by the audit.", func(s plan.AuditSummary) int { return s.Problems }},
-}
-
-// renderPrometheus writes node-exporter textfile-collector metrics, one sample per family.
+// renderPrometheus writes the audit's metrics (pkg/metrics: the agent's collector) in the
+// Prometheus text format, one sample per family and backend.
 func renderPrometheus(w io.Writer, rep plan.AuditReport) error {
-	var b strings.Builder
-	b.WriteString("# HELP portguard_audit_up Whether the family's nat table could be read (1) or not (0).\n# TYPE portguard_audit_up gauge\n")
-	for _, fa := range rep.Families {
-		up := 0
-		if fa.Available {
-			up = 1
-		}
-		fmt.Fprintf(&b, "portguard_audit_up{family=%q} %d\n", fa.Family.String(), up)
-	}
-	b.WriteString("# HELP portguard_audit_healthy Whether the audit found no problem (1) or some (0).\n# TYPE portguard_audit_healthy gauge\n")
-	for _, fa := range rep.Families {
-		if fa.Available {
-			h := 0
-			if fa.Healthy() {
-				h = 1
-			}
-			fmt.Fprintf(&b, "portguard_audit_healthy{family=%q} %d\n", fa.Family.String(), h)
-		}
-	}
-	for _, m := range metrics {
-		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n", m.name, m.help, m.name)
-		for _, fa := range rep.Families {
-			if fa.Available {
-				fmt.Fprintf(&b, "%s{family=%q} %d\n", m.name, fa.Family.String(), m.value(fa.Summary))
-			}
-		}
-	}
-	b.WriteString("# HELP portguard_audit_timestamp_seconds When the audit ran.\n# TYPE portguard_audit_timestamp_seconds gauge\n")
-	fmt.Fprintf(&b, "portguard_audit_timestamp_seconds %d\n", time.Now().Unix())
-	_, err := io.WriteString(w, b.String())
-	return err
+	return metrics.WriteText(w, auditRegistry(rep))
+}
+
+func auditRegistry(rep plan.AuditReport) *prometheus.Registry {
+	c := metrics.NewAuditCollector()
+	c.Set(metrics.FromReport(rep), time.Now())
+	return metrics.Registry(c)
 }
