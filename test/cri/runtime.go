@@ -272,6 +272,14 @@ func (r *Runtime) Command(name string, args ...string) *exec.Cmd {
 	return c
 }
 
+// StartAgent starts portguard-agent in containerd's network and mount namespaces, with the
+// bed's environment and --runtime-endpoint Endpoint before args (testbed.Bed.StartAgent).
+func (r *Runtime) StartAgent(args ...string) *testbed.Agent {
+	r.T.Helper()
+	prefix := []string{"nsenter", "--target", strconv.Itoa(r.keeper.Process.Pid), "--mount", "--net", "--"}
+	return r.Bed.StartAgentIn(prefix, nil, append([]string{"--runtime-endpoint", r.Endpoint}, args...)...)
+}
+
 // Restart starts containerd (again) on the same config, waits until CRI answers and its
 // network is ready, and imports the sandbox image when containerd does not have it.
 func (r *Runtime) Restart() {

@@ -69,6 +69,14 @@ type Agent struct {
 // the address; default 127.0.0.1:9617) and env appended to the bed's environment.
 func (b *Bed) StartAgent(env []string, args ...string) *Agent {
 	b.T.Helper()
+	return b.StartAgentIn([]string{"ip", "netns", "exec", b.Node}, env, args...)
+}
+
+// StartAgentIn is StartAgent with another command prefix that runs the agent inside the
+// node namespace, e.g. nsenter into a container runtime's mount namespace as well (test/cri),
+// so the agent sees the pods' network namespaces the runtime mounted there.
+func (b *Bed) StartAgentIn(prefix, env []string, args ...string) *Agent {
+	b.T.Helper()
 	a := &Agent{Bed: b, Events: make(chan AgentEvent, 4096), Listen: "127.0.0.1:9617", done: make(chan struct{})}
 	hasListen := false
 	for i, arg := range args {
@@ -79,7 +87,7 @@ func (b *Bed) StartAgent(env []string, args ...string) *Agent {
 	if !hasListen {
 		args = append(args, "--listen", a.Listen)
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", b.Node, AgentBinary(b.T)}, args...)...)
+	cmd := exec.Command(prefix[0], append(append(prefix[1:len(prefix):len(prefix)], AgentBinary(b.T)), args...)...)
 	cmd.Env = append(append(os.Environ(), b.Env...), env...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stderr, err := cmd.StderrPipe()
