@@ -276,7 +276,23 @@ func (r *Runtime) Command(name string, args ...string) *exec.Cmd {
 // bed's environment and --runtime-endpoint Endpoint before args (testbed.Bed.StartAgent).
 func (r *Runtime) StartAgent(args ...string) *testbed.Agent {
 	r.T.Helper()
+	return r.StartAgentWithCaps(nil, args...)
+}
+
+// StartAgentWithCaps is StartAgent with the agent's capabilities limited to caps (names as
+// in a pod's securityContext, e.g. "NET_ADMIN"), as a container running as root with
+// `capabilities: {drop: [ALL], add: caps}` and allowPrivilegeEscalation false gets them:
+// bounding set = permitted = effective = caps, no new privileges. nil caps: unlimited.
+func (r *Runtime) StartAgentWithCaps(caps []string, args ...string) *testbed.Agent {
+	r.T.Helper()
 	prefix := []string{"nsenter", "--target", strconv.Itoa(r.keeper.Process.Pid), "--mount", "--net", "--"}
+	if caps != nil {
+		set := "-all"
+		for _, c := range caps {
+			set += ",+" + strings.ToLower(c)
+		}
+		prefix = append(prefix, "setpriv", "--bounding-set", set, "--inh-caps", "-all", "--no-new-privs", "--")
+	}
 	return r.Bed.StartAgentIn(prefix, nil, append([]string{"--runtime-endpoint", r.Endpoint}, args...)...)
 }
 
