@@ -36,15 +36,16 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguardctl ./cmd/portguardctl
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard-agent ./cmd/portguard-agent
 
-# System packages the kernel tests and the demo use; busybox runs deploy/install.sh as the
-# image does (deploy/install_test.go); nft lists and edits the nftables backend's table in
+# System packages the kernel tests and the demo use; busybox runs deploy/install.sh with the
+# smallest POSIX tools (deploy/install_test.go); nft lists and edits the nftables backend's table in
 # its kernel tests (the backend itself talks netlink and needs no nft binary); containerd
 # (1.6 in Debian 12) and runc run the pods of test/cri, created through CRI as kubelet does
 # (the tests start their own containerd; the package's service is not needed); nsenter and
-# unshare (util-linux) put it in the test's namespaces.
+# unshare (util-linux) put it in the test's namespaces, setpriv runs the agent with the
+# DaemonSet's capabilities.
 apt-deps:
 	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox nft \
-		containerd containerd-shim-runc-v2 ctr runc nsenter unshare; do \
+		containerd containerd-shim-runc-v2 ctr runc nsenter unshare setpriv; do \
 		command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

@@ -86,7 +86,7 @@ func TestAgentRemovesTheClaimOfASandboxContainerdForgot(t *testing.T) {
 	a := startAgent(r)
 	first := a.Next(passWait, "pass", "removed")
 	if first.Event != "pass" {
-		t.Fatalf("the first pass removed something: %v", first.Fields)
+		t.Fatalf("the first pass removed something: %s", first.Fields)
 	}
 	if !claimed(r, gone, testbed.V4) {
 		t.Fatal("the forgotten pod's claim is gone after the first pass")
@@ -94,7 +94,7 @@ func TestAgentRemovesTheClaimOfASandboxContainerdForgot(t *testing.T) {
 	rm := a.Next(passWait, "removed")
 	if rm.Str("reason") != "sandbox-gone" || !strings.Contains(string(rm.Fields["owner"]), gone.ID) ||
 		rm.Str("backend") != "iptables" || !strings.Contains(string(rm.Fields["evidence"]), `"stale"`) {
-		t.Fatalf("removed event %v", rm.Fields)
+		t.Fatalf("removed event %s", rm.Fields)
 	}
 	// Both families go (one event per owner and backend, family "ipv4,ipv6").
 	if rm.Str("family") != "ipv4,ipv6" {
@@ -105,7 +105,7 @@ func TestAgentRemovesTheClaimOfASandboxContainerdForgot(t *testing.T) {
 	}
 	for i := 0; i < 3; i++ {
 		if ev := a.Next(passWait, "pass", "removed"); ev.Event == "removed" {
-			t.Fatalf("removed again: %v", ev.Fields)
+			t.Fatalf("removed again: %s", ev.Fields)
 		}
 	}
 	if !claimed(r, live, testbed.V4) || !claimed(r, live, testbed.V6) {
@@ -159,9 +159,12 @@ func TestAgentRemovesNothingWhileContainerdIsDown(t *testing.T) {
 
 	a := startAgent(r)
 	for i := 0; i < 3; i++ {
-		a.Next(passWait, "runtime-unavailable")
-		if ev := a.Next(passWait, "pass", "removed"); ev.Event == "removed" {
-			t.Fatalf("removed with containerd down: %v", ev.Fields)
+		ev := a.Next(passWait, "pass", "removed")
+		if ev.Event == "removed" {
+			t.Fatalf("removed with containerd down: %s", ev.Fields)
+		}
+		if string(ev.Fields["runtimeUp"]) != "false" {
+			t.Fatalf("pass with containerd down: %s, want runtimeUp false", ev.Fields)
 		}
 	}
 	if !claimed(r, gone, testbed.V4) || !claimed(r, live, testbed.V4) {
@@ -186,7 +189,7 @@ func TestAgentRemovesNothingWhileContainerdIsDown(t *testing.T) {
 	r.Restart()
 	rm := a.Next(passWait, "removed")
 	if !strings.Contains(string(rm.Fields["owner"]), gone.ID) {
-		t.Fatalf("removed %v, want the forgotten pod %s", rm.Fields, gone.ID)
+		t.Fatalf("removed %s, want the forgotten pod %s", rm.Fields, gone.ID)
 	}
 	if claimed(r, gone, testbed.V4) {
 		t.Fatal("the forgotten claim is still there after containerd came back")

@@ -90,7 +90,7 @@ func TestAgentCapabilities(t *testing.T) {
 	}
 	rm := a.Next(passWait, "removed")
 	if !strings.Contains(string(rm.Fields["owner"]), gone.ID) {
-		t.Fatalf("with %v: removed %v, want the forgotten pod", caps, rm.Fields)
+		t.Fatalf("with %v: removed %s, want the forgotten pod", caps, rm.Fields)
 	}
 	if claimed(r, gone, testbed.V4) || !claimed(r, live, testbed.V4) {
 		t.Errorf("with %v: forgotten pod claimed %v, running pod claimed %v; want false, true", caps,

@@ -22,6 +22,7 @@ package cri
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -48,7 +49,7 @@ const ImageName = "docker.io/portguard/pause:test"
 const PodNamespace = "portguard-test"
 
 // Tools the harness runs besides the test bed's.
-var tools = []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc", "nsenter", "unshare", "umount"}
+var tools = []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc", "nsenter", "unshare", "setpriv", "umount"}
 
 // Require skips the test when containerd cannot run here (not root, tools missing), or fails
 // it when PORTGUARD_E2E_REQUIRED=1 (CI installs containerd and runc through `make deps`).
@@ -537,23 +538,40 @@ func (r *Runtime) cleanup() {
 		_ = r.keeper.Process.Kill()
 		_ = r.keeper.Wait()
 	}
-	// runc removes a pod's cgroups when it deletes the container; after a crash they stay.
-	// Empty cgroup directories are removed with rmdir, deepest first.
-	roots, _ := filepath.Glob("/sys/fs/cgroup/*" + r.cgroupParent)
-	if u, err := os.Stat("/sys/fs/cgroup" + r.cgroupParent); err == nil && u.IsDir() {
-		roots = append(roots, "/sys/fs/cgroup"+r.cgroupParent)
-	}
-	for _, root := range roots {
-		var dirs []string
-		_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-			if err == nil && d.IsDir() {
-				dirs = append(dirs, p)
-			}
-			return nil
-		})
-		for i := len(dirs) - 1; i >= 0; i-- {
-			_ = syscall.Rmdir(dirs[i])
-		}
+	if err := r.removeCgroups(); err != nil {
+		r.T.Error(err)
 	}
 	_ = os.RemoveAll(r.Dir)
+}
+
+// removeCgroups removes the pods' cgroups (runc removes them when it deletes a container;
+// after a crash they stay), deepest first. A killed pod stays in its cgroup until its parent
+// reaps it (the machine's init, after the shim died), so rmdir is retried until Timeout.
+func (r *Runtime) removeCgroups() error {
+	deadline := time.Now().Add(Timeout)
+	for {
+		roots, _ := filepath.Glob("/sys/fs/cgroup/*" + r.cgroupParent)
+		if u, err := os.Stat("/sys/fs/cgroup" + r.cgroupParent); err == nil && u.IsDir() {
+			roots = append(roots, "/sys/fs/cgroup"+r.cgroupParent)
+		}
+		var lastErr error
+		for _, root := range roots {
+			var dirs []string
+			_ = filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+				if err == nil && d.IsDir() {
+					dirs = append(dirs, p)
+				}
+				return nil
+			})
+			for i := len(dirs) - 1; i >= 0; i-- {
+				if err := syscall.Rmdir(dirs[i]); err != nil && !errors.Is(err, syscall.ENOENT) {
+					lastErr = fmt.Errorf("remove cgroup %s: %w", dirs[i], err)
+				}
+			}
+		}
+		if lastErr == nil || time.Now().After(deadline) {
+			return lastErr
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
