@@ -94,7 +94,7 @@ type Result struct {
 	Sandboxes  int
 	Suspects   int // owners with claims whose container ID the runtime does not list (the two-pass memory)
 	Removed    map[string]int
-	WouldClear map[string]int // dry run: what would have been removed, by reason
+	WouldRemove map[string]int // dry run: what would have been removed, by reason
 	Errors     int
 }
 
@@ -131,7 +131,7 @@ func (a *Agent) fail(kind string, err error) {
 // error: the pass completes and removes nothing.
 func (a *Agent) Pass(ctx context.Context, now time.Time) (Result, error) {
 	start := time.Now()
-	res := Result{Removed: map[string]int{}, WouldClear: map[string]int{}}
+	res := Result{Removed: map[string]int{}, WouldRemove: map[string]int{}}
 	var errs []error
 	defer func() {
 		res.Errors = len(errs)
@@ -233,7 +233,7 @@ func (a *Agent) Pass(ctx context.Context, now time.Time) (Result, error) {
 	var srcs []Source
 	for _, c := range cands {
 		if a.DryRun {
-			res.WouldClear[c.reason]++
+			res.WouldRemove[c.reason]++
 			a.event(slog.LevelInfo, "would-remove", removalAttrs(c)...)
 			continue
 		}
@@ -360,7 +360,7 @@ func (a *Agent) passEvent(res Result, now, start time.Time) {
 		slog.Int("claims", res.Claims), slog.Int("owners", res.Owners),
 		slog.Bool("runtimeUp", res.RuntimeUp), slog.Int("sandboxes", res.Sandboxes),
 		slog.Int("suspects", res.Suspects), slog.Any("removed", res.Removed),
-		slog.Bool("dryRun", a.DryRun), slog.Any("wouldRemove", res.WouldClear),
+		slog.Bool("dryRun", a.DryRun), slog.Any("wouldRemove", res.WouldRemove),
 		slog.Int("errors", res.Errors), slog.Float64("seconds", time.Since(start).Seconds()))
 }
 

@@ -202,7 +202,7 @@ func TestDryRunAndUnreadBackend(t *testing.T) {
 	t0 := time.Unix(1_800_000_000, 0)
 	pass(t, a, t0)
 	res := pass(t, a, t0.Add(interval))
-	if len(src.collected) != 0 || res.WouldClear[ReasonSandboxGone] != 1 {
+	if len(src.collected) != 0 || res.WouldRemove[ReasonSandboxGone] != 1 {
 		t.Fatalf("dry run: collected %v, result %+v", src.collected, res)
 	}
 
