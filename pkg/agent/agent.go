@@ -88,14 +88,14 @@ type Agent struct {
 
 // Result is what one pass saw and did.
 type Result struct {
-	Claims     int
-	Owners     int
-	RuntimeUp  bool
-	Sandboxes  int
-	Suspects   int // owners with claims whose container ID the runtime does not list (the two-pass memory)
-	Removed    map[string]int
+	Claims      int
+	Owners      int
+	RuntimeUp   bool
+	Sandboxes   int
+	Suspects    int // owners with claims whose container ID the runtime does not list (the two-pass memory)
+	Removed     map[string]int
 	WouldRemove map[string]int // dry run: what would have been removed, by reason
-	Errors     int
+	Errors      int
 }
 
 // candidate is one owner in one backend the pass decided to remove.
