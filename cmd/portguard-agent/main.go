@@ -104,11 +104,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.interval <= 0 {
 		return o, fmt.Errorf("--interval %v: want a positive duration", o.interval)
 	}
-	if o.endpoint == "" {
-		o.endpoint = cri.DefaultEndpoint()
-	}
-	if err := cri.ValidEndpoint(o.endpoint); err != nil {
-		return o, fmt.Errorf("--runtime-endpoint: %w", err)
+	if o.endpoint != "" {
+		if err := cri.ValidEndpoint(o.endpoint); err != nil {
+			return o, fmt.Errorf("--runtime-endpoint: %w", err)
+		}
 	}
 	if o.cniCacheDir != "" && o.cniCacheDir[0] != '/' {
 		return o, fmt.Errorf("--cni-cache-dir %q: want an absolute path", o.cniCacheDir)
@@ -129,7 +128,7 @@ func run(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := eventlog.New(stderr)
-	rt, err := cri.Dial(o.endpoint)
+	rt, endpoint, err := dialRuntime(o.endpoint)
 	if err != nil {
 		eventlog.Event(log, slog.LevelError, "error", slog.String("kind", "runtime"), slog.String("error", err.Error()))
 		return 2
@@ -151,7 +150,7 @@ func run(args []string, stderr io.Writer) int {
 		Metrics:  m,
 	}
 	eventlog.Event(log, slog.LevelInfo, "start", slog.String("version", buildinfo.Get().String()),
-		slog.String("runtimeEndpoint", o.endpoint), slog.Duration("interval", o.interval),
+		slog.String("runtimeEndpoint", endpoint), slog.Duration("interval", o.interval),
 		slog.Bool("dryRun", o.dryRun), slog.String("listen", o.listen), slog.String("lockFile", lock.Path()),
 		slog.String("stateDir", liveness.StateDir()), slog.String("cniCacheDir", cnicache.Dir()),
 		slog.String("extraCNICacheDir", o.cniCacheDir), slog.String("pluginLog", o.pluginLog))
@@ -210,6 +209,26 @@ func run(args []string, stderr io.Writer) int {
 			// exactly the interval, so two passes an interval apart measure as such.
 		}
 	}
+}
+
+// runtime is the CRI client the agent asks.
+type runtime interface {
+	agent.Runtime
+	Close() error
+}
+
+// dialRuntime connects to endpoint, or without one to the first default socket that exists,
+// followed when another appears later (cri.Auto).
+func dialRuntime(endpoint string) (runtime, string, error) {
+	if endpoint != "" {
+		c, err := cri.Dial(endpoint)
+		return c, endpoint, err
+	}
+	a, err := cri.DialDefault()
+	if err != nil {
+		return nil, "", err
+	}
+	return a, a.Endpoint(), nil
 }
 
 // health answers /healthz: 200 while a pass completed within the last 3 intervals (or the

@@ -88,14 +88,14 @@ type Agent struct {
 
 // Result is what one pass saw and did.
 type Result struct {
-	Claims     int
-	Owners     int
-	RuntimeUp  bool
-	Sandboxes  int
-	Suspects   int // owners with claims whose container ID the runtime does not list (the two-pass memory)
-	Removed    map[string]int
-	WouldClear map[string]int // dry run: what would have been removed, by reason
-	Errors     int
+	Claims      int
+	Owners      int
+	RuntimeUp   bool
+	Sandboxes   int
+	Suspects    int // owners with claims whose container ID the runtime does not list (the two-pass memory)
+	Removed     map[string]int
+	WouldRemove map[string]int // dry run: what would have been removed, by reason
+	Errors      int
 }
 
 // candidate is one owner in one backend the pass decided to remove.
@@ -131,7 +131,7 @@ func (a *Agent) fail(kind string, err error) {
 // error: the pass completes and removes nothing.
 func (a *Agent) Pass(ctx context.Context, now time.Time) (Result, error) {
 	start := time.Now()
-	res := Result{Removed: map[string]int{}, WouldClear: map[string]int{}}
+	res := Result{Removed: map[string]int{}, WouldRemove: map[string]int{}}
 	var errs []error
 	defer func() {
 		res.Errors = len(errs)
@@ -227,28 +227,46 @@ func (a *Agent) Pass(ctx context.Context, now time.Time) (Result, error) {
 		a.Metrics.Suspects.Set(float64(res.Suspects))
 	}
 
+	// One removal per backend for all its candidates: one exclusive lock and one read of the
+	// backend per network, not one per owner (a node after a crash may have hundreds).
+	bySource := map[Source][]candidate{}
+	var srcs []Source
 	for _, c := range cands {
-		attrs := removalAttrs(c)
 		if a.DryRun {
-			res.WouldClear[c.reason]++
-			a.event(slog.LevelInfo, "would-remove", attrs...)
+			res.WouldRemove[c.reason]++
+			a.event(slog.LevelInfo, "would-remove", removalAttrs(c)...)
 			continue
 		}
-		gone, err := c.src.Collect([]hostport.Owner{c.owner})
+		if bySource[c.src] == nil {
+			srcs = append(srcs, c.src)
+		}
+		bySource[c.src] = append(bySource[c.src], c)
+	}
+	for _, src := range srcs {
+		cs := bySource[src]
+		owners := make([]hostport.Owner, len(cs))
+		for i, c := range cs {
+			owners[i] = c.owner
+		}
+		gone, err := src.Collect(owners)
 		if err != nil {
-			err = fmt.Errorf("%s: remove %s: %w", c.src.Name(), c.owner, err)
+			err = fmt.Errorf("%s: remove: %w", src.Name(), err)
 			a.fail("remove", err)
 			errs = append(errs, err)
 		}
+		removed := map[hostport.Owner]bool{}
 		for _, g := range gone {
-			if g != c.owner {
+			removed[g] = true
+		}
+		for _, c := range cs {
+			if !removed[c.owner] {
 				continue
 			}
 			res.Removed[c.reason]++
 			if a.Metrics != nil {
 				a.Metrics.Removals.WithLabelValues(c.reason).Inc()
 			}
-			a.event(slog.LevelInfo, "removed", attrs...)
+			a.event(slog.LevelInfo, "removed", removalAttrs(c)...)
 			delete(a.absent, c.owner)
 		}
 	}
@@ -342,7 +360,7 @@ func (a *Agent) passEvent(res Result, now, start time.Time) {
 		slog.Int("claims", res.Claims), slog.Int("owners", res.Owners),
 		slog.Bool("runtimeUp", res.RuntimeUp), slog.Int("sandboxes", res.Sandboxes),
 		slog.Int("suspects", res.Suspects), slog.Any("removed", res.Removed),
-		slog.Bool("dryRun", a.DryRun), slog.Any("wouldRemove", res.WouldClear),
+		slog.Bool("dryRun", a.DryRun), slog.Any("wouldRemove", res.WouldRemove),
 		slog.Int("errors", res.Errors), slog.Float64("seconds", time.Since(start).Seconds()))
 }
 

@@ -202,7 +202,7 @@ func TestDryRunAndUnreadBackend(t *testing.T) {
 	t0 := time.Unix(1_800_000_000, 0)
 	pass(t, a, t0)
 	res := pass(t, a, t0.Add(interval))
-	if len(src.collected) != 0 || res.WouldClear[ReasonSandboxGone] != 1 {
+	if len(src.collected) != 0 || res.WouldRemove[ReasonSandboxGone] != 1 {
 		t.Fatalf("dry run: collected %v, result %+v", src.collected, res)
 	}
 
@@ -218,5 +218,22 @@ func TestDryRunAndUnreadBackend(t *testing.T) {
 	}
 	if v := testutil.ToFloat64(b.Metrics.Errors.WithLabelValues("observe")); v != 1 {
 		t.Errorf("observe errors %v, want 1", v)
+	}
+}
+
+// Every owner a pass removes from one backend goes in one removal (one exclusive lock, one
+// read of the backend), and each is reported with its reason.
+func TestRemovalsOfAPassAreOneCollect(t *testing.T) {
+	dead2 := hostport.Owner{Network: "other", ContainerID: "dead2345678901"}
+	src := &fakeSource{claims: []Claim{claim(dead, 8080, liveness.Stale), claim(dead2, 8081, liveness.Stale), claim(living, 8082, liveness.Alive)}}
+	a, _ := newAgent(t, src)
+	t0 := time.Unix(1_800_000_000, 0)
+	pass(t, a, t0)
+	res := pass(t, a, t0.Add(interval))
+	if len(src.collected) != 1 || len(src.collected[0]) != 2 || res.Removed[ReasonSandboxGone] != 2 {
+		t.Fatalf("collect calls %v, result %+v; want one call removing both dead owners", src.collected, res)
+	}
+	if !src.has(living) {
+		t.Fatal("the live owner was removed")
 	}
 }

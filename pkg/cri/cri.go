@@ -98,3 +98,45 @@ func (c *Client) Sandboxes(ctx context.Context) (map[string]bool, error) {
 	}
 	return ids, nil
 }
+
+// Auto is a client of the default runtime: when the runtime it asked does not answer and
+// another of DefaultEndpoints has appeared since (a CRI-O node whose socket did not exist
+// yet when the agent started), it switches to that one.
+type Auto struct {
+	c *Client
+}
+
+// DialDefault returns a client of DefaultEndpoint(), re-chosen whenever a call fails.
+func DialDefault() (*Auto, error) {
+	c, err := Dial(DefaultEndpoint())
+	if err != nil {
+		return nil, err
+	}
+	return &Auto{c: c}, nil
+}
+
+// Endpoint is the endpoint in use.
+func (a *Auto) Endpoint() string { return a.c.Endpoint }
+
+// Sandboxes is Client.Sandboxes on the endpoint in use, retried once on a newly chosen
+// default endpoint when it fails.
+func (a *Auto) Sandboxes(ctx context.Context) (map[string]bool, error) {
+	ids, err := a.c.Sandboxes(ctx)
+	if err == nil {
+		return ids, nil
+	}
+	e := DefaultEndpoint()
+	if e == a.c.Endpoint {
+		return nil, err
+	}
+	c, derr := Dial(e)
+	if derr != nil {
+		return nil, err
+	}
+	a.c.Close()
+	a.c = c
+	return a.c.Sandboxes(ctx)
+}
+
+// Close closes the connection.
+func (a *Auto) Close() error { return a.c.Close() }

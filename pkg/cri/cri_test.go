@@ -76,3 +76,32 @@ func TestEndpoints(t *testing.T) {
 		t.Errorf("DefaultEndpoint %q", e)
 	}
 }
+
+// Without an explicit endpoint, the client follows the first default socket that exists:
+// a runtime whose socket appears after the agent started is found on the next call.
+func TestDialDefaultFollowsTheSocketThatAppears(t *testing.T) {
+	rt := critest.Start(t)
+	rt.Set("s1")
+	missing := "unix://" + filepath.Join(t.TempDir(), "containerd.sock")
+	saved := cri.DefaultEndpoints
+	cri.DefaultEndpoints = []string{missing, rt.Endpoint + ".later"}
+	t.Cleanup(func() { cri.DefaultEndpoints = saved })
+	a, err := cri.DialDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if a.Endpoint() != missing {
+		t.Fatalf("endpoint %q with no socket present, want the first default %q", a.Endpoint(), missing)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := a.Sandboxes(ctx); err == nil {
+		t.Fatal("no runtime: no error")
+	}
+	cri.DefaultEndpoints = []string{missing, rt.Endpoint}
+	got, err := a.Sandboxes(ctx)
+	if err != nil || !got["s1"] || a.Endpoint() != rt.Endpoint {
+		t.Fatalf("after the socket appeared: %v, %v, endpoint %q", got, err, a.Endpoint())
+	}
+}
