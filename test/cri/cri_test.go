@@ -2,7 +2,9 @@ package cri_test
 
 import (
 	"os"
+	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/portguard/portguard/test/cri"
@@ -28,6 +30,13 @@ func TestPodAnswersThroughItsHostPort(t *testing.T) {
 	for _, f := range []testbed.Family{testbed.V4, testbed.V6} {
 		if got := b.DNChains(f); !slices.Contains(got, p.Chain()) {
 			t.Fatalf("%s: chains %v, want the pod's %s", f, got, p.Chain())
+		}
+	}
+	// containerd ran the plugins in the bed's node namespace, never in the machine's.
+	for _, save := range []string{"iptables-save", "ip6tables-save"} {
+		out, err := exec.Command(save, "-t", "nat").Output()
+		if err == nil && strings.Contains(string(out), p.Chain()) {
+			t.Fatalf("the pod's chain %s is in the machine's own nat table (%s)", p.Chain(), save)
 		}
 	}
 	if err := p.Stop(); err != nil {
