@@ -168,6 +168,9 @@ func image() (string, error) {
 //
 //	func TestMain(m *testing.M) { os.Exit(cri.Main(m)) }
 func Main(m *testing.M) int {
+	if os.Geteuid() == 0 {
+		sweepPods()
+	}
 	code := testbed.Main(m)
 	if imageDir != "" {
 		os.RemoveAll(imageDir)
@@ -491,6 +494,21 @@ func (r *Runtime) killNamespace() error {
 // pods' cgroups (a pod has a mount namespace of its own).
 func (r *Runtime) namespacePIDs() []int {
 	entries, _ := os.ReadDir("/proc")
+	pids := r.podPIDs()
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == r.keeper.Process.Pid {
+			continue
+		}
+		if id, err := mountNS(pid); err == nil && id == r.mntNS && !zombie(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// podPIDs lists the live processes in the pods' cgroups.
+func (r *Runtime) podPIDs() []int {
 	var pids []int
 	procs, _ := filepath.Glob("/sys/fs/cgroup/pids" + r.cgroupParent + "/*/cgroup.procs")
 	for _, f := range procs {
@@ -499,15 +517,6 @@ func (r *Runtime) namespacePIDs() []int {
 			if pid, err := strconv.Atoi(s); err == nil && !zombie(pid) {
 				pids = append(pids, pid)
 			}
-		}
-	}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == r.keeper.Process.Pid {
-			continue
-		}
-		if id, err := mountNS(pid); err == nil && id == r.mntNS && !zombie(pid) {
-			pids = append(pids, pid)
 		}
 	}
 	return pids
@@ -542,6 +551,26 @@ func (r *Runtime) cleanup() {
 		r.T.Error(err)
 	}
 	_ = os.RemoveAll(r.Dir)
+}
+
+// sweepPods kills the pods a killed test process left (testbed.Main sweeps its namespaces,
+// containerd and the shims with them, but a pod has a network namespace of its own) and
+// removes their cgroups: those of beds whose owner process is gone (testbed records each
+// bed's owner in $TMPDIR/pge-owners/<bed id> before the runtime creates any cgroup).
+func sweepPods() {
+	dirs, _ := filepath.Glob("/sys/fs/cgroup/pids/portguard-test-*")
+	for _, d := range dirs {
+		id := strings.TrimPrefix(filepath.Base(d), "portguard-test-")
+		data, err := os.ReadFile(filepath.Join(os.TempDir(), "pge-owners", id))
+		if pid, perr := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && perr == nil && syscall.Kill(pid, 0) == nil {
+			continue // a live test process's bed
+		}
+		r := &Runtime{cgroupParent: "/portguard-test-" + id}
+		for _, pid := range r.podPIDs() {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		_ = r.removeCgroups()
+	}
 }
 
 // removeCgroups removes the pods' cgroups (runc removes them when it deletes a container;
