@@ -117,7 +117,8 @@ func Start(t testing.TB) *Runtime {
 	b.InstallExtraPlugins("loopback")
 	n := b.Network(testbed.NetConfig{PortPlugin: "portguard", CNIVersion: "1.0.0"})
 
-	dir, err := os.MkdirTemp("", "pgcri-")
+	// Named after the bed, so a later test process can remove it (sweepPods).
+	dir, err := os.MkdirTemp("", "pgcri-"+b.ID+"-")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -555,15 +556,15 @@ func (r *Runtime) cleanup() {
 
 // sweepPods kills the pods a killed test process left (testbed.Main sweeps its namespaces,
 // containerd and the shims with them, but a pod has a network namespace of its own) and
-// removes their cgroups: those of beds whose owner process is gone (testbed records each
-// bed's owner in $TMPDIR/pge-owners/<bed id> before the runtime creates any cgroup).
+// removes their cgroups and containerd's directory: those of beds whose owner process is gone
+// (testbed records each bed's owner in $TMPDIR/pge-owners/<bed id> before the runtime
+// creates anything).
 func sweepPods() {
 	dirs, _ := filepath.Glob("/sys/fs/cgroup/pids/portguard-test-*")
 	for _, d := range dirs {
 		id := strings.TrimPrefix(filepath.Base(d), "portguard-test-")
-		data, err := os.ReadFile(filepath.Join(os.TempDir(), "pge-owners", id))
-		if pid, perr := strconv.Atoi(strings.TrimSpace(string(data))); err == nil && perr == nil && syscall.Kill(pid, 0) == nil {
-			continue // a live test process's bed
+		if bedAlive(id) {
+			continue
 		}
 		r := &Runtime{cgroupParent: "/portguard-test-" + id}
 		for _, pid := range r.podPIDs() {
@@ -571,6 +572,23 @@ func sweepPods() {
 		}
 		_ = r.removeCgroups()
 	}
+	// containerd's directories (pgcri-<bed id>-*): its mount namespace died with the keeper.
+	tmp, _ := filepath.Glob(filepath.Join(os.TempDir(), "pgcri-*-*"))
+	for _, d := range tmp {
+		if f := strings.SplitN(filepath.Base(d), "-", 3); len(f) == 3 && f[1] != "image" && !bedAlive(f[1]) {
+			_ = os.RemoveAll(d)
+		}
+	}
+}
+
+// bedAlive: the test process that owns bed id (testbed's owner record) still runs.
+func bedAlive(id string) bool {
+	data, err := os.ReadFile(filepath.Join(os.TempDir(), "pge-owners", id))
+	if err != nil {
+		return false
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	return err == nil && syscall.Kill(pid, 0) == nil
 }
 
 // removeCgroups removes the pods' cgroups (runc removes them when it deletes a container;
