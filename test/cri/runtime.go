@@ -157,7 +157,8 @@ var (
 // image builds the sandbox image archive once per test process, in a directory Main removes.
 func image() (string, error) {
 	imageOnce.Do(func() {
-		imageDir, imageErr = os.MkdirTemp("", "pgcri-image-")
+		// Named after this process, so a later one can remove it if this one is killed.
+		imageDir, imageErr = os.MkdirTemp("", fmt.Sprintf("pgcri-image-%d-", os.Getpid()))
 		if imageErr == nil {
 			imageArchive, imageErr = BuildImage(imageDir, ImageName)
 		}
@@ -573,9 +574,16 @@ func sweepPods() {
 		_ = r.removeCgroups()
 	}
 	// containerd's directories (pgcri-<bed id>-*): its mount namespace died with the keeper.
+	// The sandbox images of dead test processes (pgcri-image-<pid>-*).
 	tmp, _ := filepath.Glob(filepath.Join(os.TempDir(), "pgcri-*-*"))
 	for _, d := range tmp {
-		if f := strings.SplitN(filepath.Base(d), "-", 3); len(f) == 3 && f[1] != "image" && !bedAlive(f[1]) {
+		f := strings.SplitN(filepath.Base(d), "-", 4)
+		switch {
+		case len(f) == 4 && f[1] == "image":
+			if pid, err := strconv.Atoi(f[2]); err == nil && syscall.Kill(pid, 0) != nil {
+				_ = os.RemoveAll(d)
+			}
+		case len(f) >= 3 && f[1] != "image" && !bedAlive(f[1]):
 			_ = os.RemoveAll(d)
 		}
 	}
