@@ -573,8 +573,8 @@ func sweepPods() {
 		}
 		_ = r.removeCgroups()
 	}
-	// containerd's directories (pgcri-<bed id>-*): its mount namespace died with the keeper.
-	// The sandbox images of dead test processes (pgcri-image-<pid>-*).
+	// containerd's directories of dead beds (pgcri-<bed id>-*; its mounts died with the
+	// keeper's mount namespace) and the sandbox images of dead processes (pgcri-image-<pid>-*).
 	tmp, _ := filepath.Glob(filepath.Join(os.TempDir(), "pgcri-*-*"))
 	for _, d := range tmp {
 		f := strings.SplitN(filepath.Base(d), "-", 4)
