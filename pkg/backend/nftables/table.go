@@ -75,6 +75,10 @@ type Tx struct {
 	delUp   []UpstreamRule
 
 	addSubnets []netip.Prefix
+
+	// Repair only (observe.go): orphan gate elements and conditions chains.
+	delGates  []GateElement
+	delChains []string
 }
 
 // Begin starts a transaction at the current ruleset generation.
