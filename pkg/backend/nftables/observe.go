@@ -153,3 +153,21 @@ func (tx *Tx) repairOps() []nft.Op {
 	}
 	return ops
 }
+
+// Map is the map holding the element ("any4", "hostip6", ...), as nft names it.
+func (e Element) Map() string { s, _ := claimKey(e.Claim); return s }
+
+// Map is the set holding the entry ("snat4", "masqall6", ...).
+func (m MasqElement) Map() string { return m.set() }
+
+// Map is the gate map holding the element.
+func (g GateElement) Map() string { return g.set }
+
+// KeyText is a claim's key in nft syntax: "[hostIP . ]proto . port".
+func KeyText(c hostport.Claim) string {
+	k := fmt.Sprintf("%s . %d", c.Proto, c.HostPort)
+	if !c.AnyHostIP() {
+		k = c.HostIP.String() + " . " + k
+	}
+	return k
+}
