@@ -11,7 +11,6 @@ import (
 
 	"github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/iptables"
-	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
@@ -69,19 +68,6 @@ func observeAll(r iptables.Runner, ff *familyFlag) ([]*state.State, []plan.Famil
 		return nil, nil, envError{fmt.Errorf("%w: %s", errNoIPTables, unavailable[0].Error)}
 	}
 	return states, unavailable, nil
-}
-
-// auditStates audits each state and judges every claim's owner (pkg/liveness: portguard's
-// records, the libcni cache, namespaces, processes, addresses).
-func auditStates(states []*state.State, unavailable []plan.FamilyAudit) plan.AuditReport {
-	var fas []plan.FamilyAudit
-	j := liveness.New()
-	for _, s := range states {
-		fa := plan.Audit(s)
-		fa.JudgeOwners(j)
-		fas = append(fas, fa)
-	}
-	return plan.NewAuditReport(append(fas, unavailable...))
 }
 
 func cmdAudit(args []string, stdout, stderr io.Writer) error {

@@ -77,8 +77,10 @@ func parseOwnerFlag(flag, s string) (hostport.Owner, error) {
 func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("repair", repairHelp, stdout)
 	var ff familyFlag
+	var bf backendFlag
 	var keeps listFlag
-	dry := fs.Bool("dry-run", false, "print the iptables-restore payloads, change nothing")
+	dry := fs.Bool("dry-run", false, "print the iptables-restore payloads (and the nftables changes), change nothing")
+	fs.Var(&bf, "backend", "iptables, nftables or all (all: iptables when usable, nftables when its tables exist)")
 	fs.Var(&keeps, "keep", "NETWORK/CONTAINERID whose claims win contested ports (repeatable)")
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
 	timeout := fs.Duration("lock-timeout", 60*time.Second, "how long to wait for the portguard and xtables locks")
@@ -131,7 +133,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 		defer l.Release()
 	}
-	states, unavailable, err := observeAll(r, &ff)
+	states, unavailable, err := observeIPT(r, &ff, &bf)
 	if err != nil {
 		return err
 	}
@@ -154,8 +156,24 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 		plans = append(plans, planned{s, res})
 	}
+	nrep, err := planNFT(&bf, iptAudits(states, judge), keep, judge, scope)
+	if err != nil {
+		return err
+	}
+	places := len(states)
+	if nrep != nil {
+		defer nrep.side.Close()
+		places++
+		ownerSeen = ownerSeen || nrep.plan.ScopeOwnerSeen
+		for _, o := range nrep.plan.UnknownKeep {
+			unknown[o]++
+		}
+	}
+	if places == 0 {
+		return envError{errors.New("neither iptables nor the nftables backend's tables are here: nothing to repair")}
+	}
 	for o, n := range unknown {
-		if n == len(states) {
+		if n == places {
 			return usageError{fmt.Sprintf("--keep %s: no claim of that owner in the audited families (see portguardctl audit)", o)}
 		}
 	}
@@ -185,6 +203,9 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 			}
 			fmt.Fprint(stdout, payload)
 		}
+		if nrep != nil {
+			nrep.dryRun(stdout)
+		}
 		return nil
 	}
 
@@ -209,16 +230,20 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintf(stdout, "%s: repaired with one %s (%d operations)\n", p.s.Family, restoreTool(p.s.Family), len(p.res.Tx.Ops))
 	}
+	if nrep != nil {
+		if err := nrep.apply(stdout, stderr, logw, keep, judge, scope); err != nil {
+			failed = append(failed, err)
+		}
+	}
 	if len(failed) > 0 {
 		return envError{errors.Join(failed...)}
 	}
 
 	// Audit again, still under the lock, so the verdict is about what repair left.
-	states, unavailable, err = observeAll(r, &ff)
+	rep, err := auditNode(r, &ff, &bf)
 	if err != nil {
 		return err
 	}
-	rep := auditStates(states, unavailable)
 	if rep.Healthy {
 		fmt.Fprintln(stdout, "audit after repair: healthy")
 		return nil
@@ -226,7 +251,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, "audit after repair: problems left:")
 	for _, fa := range rep.Families {
 		for _, p := range fa.Problems {
-			fmt.Fprintf(stdout, "%s  %s  %s\n      fix: %s\n", fa.Family, p.Kind, p.Message, p.Fix)
+			fmt.Fprintf(stdout, "%s  %s  %s\n      fix: %s\n", familyText(fa), p.Kind, p.Message, p.Fix)
 		}
 	}
 	return exitError(exitProblems)
