@@ -171,3 +171,13 @@ func KeyText(c hostport.Claim) string {
 	}
 	return k
 }
+
+// Drop deletes portguard's table with everything in it, in one batch: for an export, once
+// its claims were written in another format.
+func (t *Table) Drop() error {
+	t.g.DelTable(table)
+	if err := t.g.Flush(); err != nil {
+		return fmt.Errorf("delete table inet %s: %w", TableName, err)
+	}
+	return nil
+}
