@@ -88,6 +88,7 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 	}
 	removedElem := map[*nftables.Element]bool{}
 	upGone := map[*nftables.UpstreamRule]bool{}
+	gatesGone := map[string]bool{} // orphan gates removed, by map and key
 	rems := map[string]*plan.RepairRemoval{}
 	var remOrder []string
 	record := func(f hostport.Family, c *claim, reason string, keptFor *hostport.Owner) {
@@ -326,18 +327,38 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 				continue
 			}
 			tx.RemoveGates(g)
+			gatesGone[g.Map()+nftables.KeyText(g.Claim)] = true
 			p.Actions = append(p.Actions, fmt.Sprintf("delete element inet %s %s { %s }  # gate of %s without its claim (%s)",
 				nftables.TableName, g.Map(), nftables.KeyText(g.Claim), g.Comment, plan.KindOrphanGate))
 		}
 	}
-	if len(o.OrphanCondChains) > 0 {
+	// Conditions chains no gate will jump to once the batch is in: the orphans observed,
+	// and those whose last gates go with the claims and gates removed above.
+	used := map[string]bool{}
+	for i := range o.Dump.Claims {
+		if e := &o.Dump.Claims[i]; e.Gate != "" && !removedElem[e] {
+			used[e.Gate] = true
+		}
+	}
+	for _, g := range o.OrphanGates {
+		if !gatesGone[g.Map()+nftables.KeyText(g.Claim)] {
+			used[g.Jump] = true
+		}
+	}
+	var unused []string
+	for _, ch := range o.CondChains {
+		if !used[ch] {
+			unused = append(unused, ch)
+		}
+	}
+	if len(unused) > 0 {
 		if scope.IsZero() {
-			tx.RemoveCondChains(o.OrphanCondChains...)
-			for _, ch := range o.OrphanCondChains {
+			tx.RemoveCondChains(unused...)
+			for _, ch := range unused {
 				p.Actions = append(p.Actions, fmt.Sprintf("delete chain inet %s %s  # no gate jumps to it (%s)", nftables.TableName, ch, plan.KindOrphanChain))
 			}
 		} else {
-			p.Skipped = append(p.Skipped, fmt.Sprintf("conditions chains %v are shared; left alone (outside %s)", o.OrphanCondChains, scope))
+			p.Skipped = append(p.Skipped, fmt.Sprintf("conditions chains %v are shared; left alone (outside %s)", unused, scope))
 		}
 	}
 	if o.Table && len(o.Layout) > 0 {

@@ -165,7 +165,44 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 		t.Errorf("text audit does not show the nftables side:\n%s", text.Stdout)
 	}
 
+	// doctor: the kernel probe passes and changes nothing; each network's backend is named;
+	// the split claim is an error with its fix.
 	before := ruleset(t, b)
+	doc, code := ctl(t, b, "doctor", "--conf-dir", b.NetDir, "--bin-dir", b.CNIBinDir, "-o", "json")
+	var dr struct {
+		Findings []struct{ Check, Severity, What string }
+		Audit    plan.AuditReport
+	}
+	if err := json.Unmarshal([]byte(doc.Stdout), &dr); err != nil || code != 1 {
+		t.Fatalf("doctor: exit %d, %v\n%s%s", code, err, doc.Stdout, doc.Stderr)
+	}
+	probeOK, backends, splitFound := false, 0, false
+	for _, f := range dr.Findings {
+		switch {
+		case f.Check == "nftables":
+			probeOK = f.Severity == "ok"
+		case f.Check == "net-backend" && strings.Contains(f.What, "the nftables backend"):
+			backends++
+		case f.Check == "audit" && f.Severity == "error" && strings.Contains(f.What, "split-claim"):
+			splitFound = true
+		}
+	}
+	if !probeOK || backends != 2 || !splitFound || nftKinds(dr.Audit)[plan.KindSplitClaim] != 2 {
+		t.Errorf("doctor: probe ok %v, %d networks on nftables (want 2), split claim reported %v:\n%s", probeOK, backends, splitFound, doc.Stdout)
+	}
+	if after := ruleset(t, b); after != before {
+		t.Fatalf("doctor changed the ruleset:\n%s\n---\n%s", before, after)
+	}
+
+	// A repair narrowed to E's port removes E's rules only.
+	res, code := ctl(t, b, "repair", "--port", "tcp/8092")
+	upstreamNow := b.MustExec(b.Node, "nft", "list", "table", "ip", "cni_hostport")
+	if code != 1 || strings.Contains(upstreamNow, e.ContainerID) || !strings.Contains(upstreamNow, d.ContainerID) {
+		t.Fatalf("repair --port tcp/8092: exit %d (want 1: D's problems left)\n%s%s\n%s", code, res.Stdout, res.Stderr, upstreamNow)
+	}
+	expectNoAnswer(t, "tcp", b.Client, b.NodeIP4.String(), 8091)
+
+	before = ruleset(t, b)
 	dry, code := ctl(t, b, "repair", "--dry-run")
 	if code != 0 || !strings.Contains(dry.Stdout, "delete rule ip cni_hostport hostports handle") || !strings.Contains(dry.Stdout, "delete rule ip6 cni_hostport masquerading handle") {
 		t.Errorf("repair --dry-run: exit %d\n%s%s", code, dry.Stdout, dry.Stderr)
@@ -175,7 +212,7 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 	}
 
 	log := filepath.Join(t.TempDir(), "repair.log")
-	res, code := ctl(t, b, "repair", "--log-file", log)
+	res, code = ctl(t, b, "repair", "--log-file", log)
 	if code != 0 {
 		t.Fatalf("repair: exit %d\n%s%s", code, res.Stdout, res.Stderr)
 	}
@@ -217,7 +254,7 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 		}
 	}
 	if split != 2 || stale < 2 {
-		t.Errorf("log: %d split-claim and %d stale-upstream-rule removals, want 2 and at least 2:\n%s", split, stale, raw)
+		t.Errorf("log: %d split-claim and %d stale-upstream-rule removals, want 2 and at least 2 (D's masquerade rules):\n%s", split, stale, raw)
 	}
 	if _, code := nftAudit(t, b); code != 0 {
 		t.Errorf("audit after repair: exit %d", code)
@@ -225,4 +262,75 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 	if err := pg.Check(p); err != nil {
 		t.Errorf("portguard CHECK of P after repair: %v", err)
 	}
+}
+
+// Damage inside portguard's table, made by hand with nft: a claim's element deleted (its
+// masquerade entry is left without a claim), a claim with conditions deleted (its gate and
+// conditions chain are left), and the postrouting chain flushed (layout). audit reports
+// each; repair removes the leftovers and rewrites the layout in place without touching the
+// other claims (they keep answering, hairpin included) or the foreign tables; the audit
+// after it is healthy. Then gc collects a network's invalid attachment.
+func TestNFTRepairOrphansAndLayout(t *testing.T) {
+	t.Parallel()
+	b, pg, _ := nftBed(t)
+	pg2 := b.Network(tb.NetConfig{PortPlugin: "portguard", Bridge: "cni2",
+		PortConf: map[string]any{"backend": "nftables", "conditionsV4": []string{"ip saddr 198.18.0.0/15"}}})
+	foreign := foreignTables(t, b)
+	a, k, g := b.NewPod("A"), b.NewPod("K"), b.NewPod("G")
+	for _, x := range []*tb.Pod{a, k, g} {
+		x.Serve(80)
+	}
+	pg.MustAdd(a, tb.TCP(8110, 80))
+	pg.MustAdd(k, tb.TCP(8112, 80))
+	pg2.MustAdd(g, tb.TCP(8111, 80))
+	expectAnswer(t, "tcp", b.Client, b.NodeIP4.String(), 8111, "G")
+	if rep, code := nftAudit(t, b); code != 0 {
+		t.Fatalf("audit of a healthy nftables node: exit %d: %v", code, nftKinds(rep))
+	}
+
+	b.MustExec(b.Node, "nft", "delete element inet portguard any4 { tcp . 8110 }")
+	b.MustExec(b.Node, "nft", "delete element inet portguard any4 { tcp . 8111 }")
+	b.MustExec(b.Node, "nft", "flush chain inet portguard postrouting")
+	rep, code := nftAudit(t, b)
+	kinds := nftKinds(rep)
+	if code != 1 || kinds[plan.KindOrphanMasquerade] != 2 || kinds[plan.KindOrphanGate] != 1 || kinds[plan.KindLayoutDamaged] != 1 || len(kinds) != 3 {
+		t.Fatalf("audit of the damaged table: exit %d, problems %v; want orphan-masquerade 2 (A's and G's IPv4 entries), orphan-gate 1, layout-damaged 1", code, kinds)
+	}
+	res, code := ctl(t, b, "repair")
+	if code != 0 {
+		t.Fatalf("repair: exit %d\n%s%s", code, res.Stdout, res.Stderr)
+	}
+	if !strings.Contains(res.Stdout, "delete chain inet portguard cond-4-") {
+		t.Errorf("repair did not delete G's conditions chain, unused once its gate went:\n%s", res.Stdout)
+	}
+	if _, code := nftAudit(t, b); code != 0 {
+		t.Errorf("audit after repair: exit %d", code)
+	}
+	tbl := b.MustExec(b.Node, "nft", "list", "table", "inet", "portguard")
+	if !strings.Contains(tbl, "masquerade") || strings.Contains(tbl, "cond-4-") {
+		t.Errorf("after repair: want the layout's masquerade rules back and no conditions chain:\n%s", tbl)
+	}
+	for _, f := range families {
+		expectAnswer(t, "tcp", b.Client, b.NodeIP(f).String(), 8112, "K")
+	}
+	expectNoAnswer(t, "tcp", b.Client, b.NodeIP4.String(), 8110) // its element was deleted by hand: repair does not invent claims
+	expectAnswer(t, "tcp", b.Client, b.NodeIP6.String(), 8110, "A")
+	// Hairpin: A reaches its own host port through the node (needs the masquerade rules).
+	if got, err := tb.Dial("tcp", a.NetNS, b.NodeIP6.String(), 8110); err != nil || got != "A" {
+		t.Errorf("hairpin of A after the layout was rewritten: %q, %v", got, err)
+	}
+	if got := foreignTables(t, b); got != foreign {
+		t.Errorf("foreign tables changed by repair:\n%s\n---\n%s", foreign, got)
+	}
+
+	// gc: K is the only valid attachment of pg; A's remaining (IPv6) claim goes.
+	res, code = ctl(t, b, "gc", "--network", pg.Name, "--valid", k.ContainerID)
+	if code != 0 || !strings.Contains(res.Stdout, a.ContainerID) {
+		t.Fatalf("gc: exit %d\n%s%s", code, res.Stdout, res.Stderr)
+	}
+	if tbl := b.MustExec(b.Node, "nft", "list", "table", "inet", "portguard"); strings.Contains(tbl, a.ContainerID) || !strings.Contains(tbl, k.ContainerID) {
+		t.Errorf("after gc: want K's elements only:\n%s", tbl)
+	}
+	expectNoAnswer(t, "tcp", b.Client, b.NodeIP6.String(), 8110)
+	expectAnswer(t, "tcp", b.Client, b.NodeIP6.String(), 8112, "K")
 }
