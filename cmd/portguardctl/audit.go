@@ -15,7 +15,7 @@ import (
 	"github.com/portguard/portguard/pkg/state"
 )
 
-const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus] [--family 4|6|all]
+const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus] [--family 4|6|all] [--backend iptables|nftables|all]
 
 Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
 claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain), which one
@@ -30,6 +30,21 @@ lives in it and its interface holds the destination), then every problem with it
   missing-entry-jump  PREROUTING/OUTPUT do not enter CNI-HOSTPORT-DNAT
   missing-setmark, missing-masq, missing-masq-jump
                       chains mark packets for masquerade but the mark/masquerade is gone
+
+With the nftables backend (portguard's table inet portguard, or upstream portmap's tables
+ip/ip6 cni_hostport on the node), it also lists every claim there, in the order the kernel
+looks them up (upstream's rules first: their hook runs at -100, portguard's at -99), with
+its owner's state, and reports (backend "nftables"):
+  split-claim          a port claimed in portguard's table and in iptables CNI chains or
+                       upstream's cni_hostport rules: the earlier hook gets every packet
+  shadowed-claim       an upstream rule behind an earlier one on the same port
+  stale-upstream-rule  an upstream rule whose owner is gone
+  layout-damaged       portguard's maps or base chains differ from its layout
+  orphan-gate, orphan-masquerade, orphan-chain
+                       conditions gates, masquerade entries or conditions chains left
+                       without their claim
+  address-reused       as above
+--backend all (default) audits iptables when it works and nftables when its tables exist.
 
 Output: -o text (default; "table" is its former name, accepted for one release), -o json
 (shape in docs/audit-json.md), -o prometheus (node-exporter textfile metrics; names in

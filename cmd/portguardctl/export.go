@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"os/exec"
 	"strings"
 	"time"
 
@@ -25,9 +24,8 @@ Upstream's own CHECK and DEL then find the exported claims, as if its ADD had wr
   --to portmap-nftables  upstream's nftables backend: tables ip/ip6 cni_hostport, one rule
                          per mapping in chain hostports, masquerade rules per pod, each
                          commented with the container ID. Written together with the
-                         deletion of portguard's table in ONE nft transaction (nft -f), so
-                         no port is unclaimed at any moment. Needs the nft binary, as
-                         upstream's backend does.
+                         deletion of portguard's table in ONE netlink batch, so no port is
+                         unclaimed at any moment (no nft binary needed).
   --to portmap-iptables  upstream's iptables backend: CNI-HOSTPORT-DNAT jumps and
                          CNI-DN-<hash> chains with upstream's names and hash (written by
                          portguard's iptables backend, whose layout is upstream's), then
@@ -41,7 +39,7 @@ container already claims in the target format (run portguardctl repair first).
 Differences to know: upstream masquerades hairpin traffic only from the pod itself (not
 its subnet); its DEL matches the container ID in every network.
 
---dry-run prints the nft script (portmap-nftables) or the attachments and their configs
+--dry-run prints the batch as an nft script (portmap-nftables) or the attachments and their configs
 (portmap-iptables) and changes nothing. Runs under portguard's host-wide lock.
 
 Exit status: 0 exported, 2 usage or environment error (nothing changed).
@@ -83,19 +81,17 @@ func cmdExport(args []string, stdout, stderr io.Writer) error {
 		return envError{err}
 	}
 	if *to == "portmap-nftables" {
-		script, err := nftexport.UpstreamScript(atts, side.obs)
+		p, err := nftexport.PlanUpstream(atts, side.obs)
 		if err != nil {
 			return envError{err}
 		}
 		if *dry {
-			fmt.Fprintf(stdout, "# nft -f - (one transaction): %d attachments\n", len(atts))
-			fmt.Fprint(stdout, script)
+			fmt.Fprintf(stdout, "# one netlink batch (all or nothing), as nft syntax: %d attachments\n", len(atts))
+			fmt.Fprint(stdout, p.Script())
 			return nil
 		}
-		cmd := exec.Command("nft", "-f", "-")
-		cmd.Stdin = strings.NewReader(script)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return envError{fmt.Errorf("nft -f: %v: %s (nothing was changed)", err, strings.TrimSpace(string(out)))}
+		if err := p.Apply(); err != nil {
+			return envError{err}
 		}
 		for _, a := range atts {
 			fmt.Fprintf(stdout, "exported %s: %d mappings\n", a.Owner, len(a.Mappings))

@@ -19,6 +19,7 @@ import (
 
 const repairHelp = `Usage: portguardctl repair [--dry-run] [--keep NETWORK/CONTAINERID ...] [--port PROTO/PORT]
                          [--owner NETWORK/CONTAINERID] [--log-file PATH] [--family 4|6|all]
+                         [--backend iptables|nftables|all]
 
 Fixes what "portguardctl audit" reports, with one iptables-restore --noflush per family,
 under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, default /run/portguard.lock):
@@ -36,6 +37,17 @@ under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, d
     chains mark packets, are restored.
 Only CNI rules are written: KUBE-* chains and your own rules are never touched.
 After the repair the nat tables are audited again; the exit status is the audit's.
+
+nftables backend (when its tables are on the node, or --backend nftables): one netlink
+batch, all or nothing, that removes only what audit reports there, never a live owner's
+claim: a contested port keeps the --keep owner's claim, else a live (or unjudgeable)
+owner's, else portguard's element, else upstream's last rule; two live claimants are left
+alone. Upstream cni_hostport rules of dead owners (and their masquerade rules) are deleted
+rule by rule; their chains and tables stay, and no other table (kube-proxy's, yours) is
+ever written. Masquerade entries, gates and conditions chains left without a claim go; a
+damaged layout is rewritten first (a batch of its own that never touches elements).
+iptables claims that lose a split port are reported, not changed (repair them with
+--backend iptables, or DEL the attachment). --dry-run prints the batch in nft syntax.
 
 --port PROTO/PORT and --owner NETWORK/CONTAINERID narrow the repair to the problems
 involving that host port or that owner (both given: involving both). Which claim keeps a

@@ -83,15 +83,15 @@ func TestNFTExportToUpstreamNFTables(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	tries, misses := watch("tcp", b.Client, b.NodeIP4.String(), 8100, "A", stop, &wg)
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	res, code := ctl(t, b, "export", "--to", "portmap-nftables")
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	close(stop)
 	wg.Wait()
 	if code != 0 {
 		t.Fatalf("export: exit %d\n%s%s", code, res.Stdout, res.Stderr)
 	}
-	if m := misses.Load(); m != 0 || tries.Load() < 5 {
+	if m := misses.Load(); m != 0 || tries.Load() < 3 {
 		t.Errorf("during the export %d of %d connections failed", m, tries.Load())
 	}
 	if out, err := b.Exec(b.Node, "nft", "list", "table", "inet", "portguard"); err == nil {
@@ -103,12 +103,29 @@ func TestNFTExportToUpstreamNFTables(t *testing.T) {
 	}
 	expectAnswer(t, "tcp", b.Client, b.NodeIP4.String(), 8102, "B")
 
+	// audit reads the exported rules back as upstream's claims of live owners.
+	rep, code := nftAudit(t, b)
+	seen := 0
+	for _, fa := range rep.Families {
+		for _, pc := range fa.Ports {
+			for _, cl := range pc.Claims {
+				if fa.Backend == "nftables" && strings.HasPrefix(cl.Chain, "ip") && cl.OwnerState == "alive" {
+					seen++
+				}
+			}
+		}
+	}
+	if code != 0 || seen != 5 {
+		t.Errorf("audit after the export: exit %d, %d live upstream claims (want 5: A tcp+udp in both families, B)", code, seen)
+	}
+
 	// The downgrade: upstream's binary in portguard's place.
 	b.InstallPlugin("portguard", b.Bins.Portmap)
-	for _, p := range []*tb.Pod{a, c} {
-		if err := n.Check(p); err != nil {
-			t.Errorf("upstream CHECK of %s after the export: %v", p.Name, err)
-		}
+	// Only A: B's one mapping is IPv4's, while upstream's CHECK with snat wants masquerade
+	// rules for every address of the pod, IPv6 too, an address portguard's table never
+	// held (docs/install.md, downgrade).
+	if err := n.Check(a); err != nil {
+		t.Errorf("upstream CHECK of A after the export: %v", err)
 	}
 	n.MustDel(a)
 	upstream := b.MustExec(b.Node, "nft", "list", "table", "ip", "cni_hostport") + b.MustExec(b.Node, "nft", "list", "table", "ip6", "cni_hostport")
@@ -135,15 +152,15 @@ func TestNFTExportToUpstreamIPTables(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	tries, misses := watch("tcp", b.Client, b.NodeIP6.String(), 8100, "A", stop, &wg)
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	res, code := ctl(t, b, "export", "--to", "portmap-iptables")
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	close(stop)
 	wg.Wait()
 	if code != 0 {
 		t.Fatalf("export: exit %d\n%s%s", code, res.Stdout, res.Stderr)
 	}
-	if m := misses.Load(); m != 0 || tries.Load() < 5 {
+	if m := misses.Load(); m != 0 || tries.Load() < 3 {
 		t.Errorf("during the export %d of %d connections failed", m, tries.Load())
 	}
 	if out, err := b.Exec(b.Node, "nft", "list", "table", "inet", "portguard"); err == nil {
