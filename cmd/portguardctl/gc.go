@@ -71,34 +71,35 @@ func cmdGC(args []string, stdout, stderr io.Writer) error {
 	for _, r := range judge.Records.All() {
 		suspects = append(suspects, r.Owner)
 	}
-	var engines []*engine.Engine
+	type gcEngine struct {
+		e     *engine.Engine
+		where func(hostport.Owner) string
+	}
+	var engines []gcEngine
 	r := newRunner(*timeout)
 	if bf.iptables() && (bf.explicit() || iptablesUsable(r)) {
-		engines = append(engines, engine.NewWith(iptbackend.New(r), *timeout))
+		engines = append(engines, gcEngine{engine.NewWith(iptbackend.New(r), *timeout),
+			func(o hostport.Owner) string { return "chain " + hostport.ChainName(o) }})
 	}
 	if bf.nftables() && (bf.explicit() || nftTableExists()) {
-		engines = append(engines, engine.NewWith(nftables.New(), *timeout))
+		engines = append(engines, gcEngine{engine.NewWith(nftables.New(), *timeout),
+			func(hostport.Owner) string { return "elements in inet " + nftables.TableName }})
 	}
 	if len(engines) == 0 {
 		return envError{errors.New("neither iptables nor portguard's nftables table is here: nothing to collect")}
 	}
 	var removed []hostport.Owner
 	var errs []error
-	for _, e := range engines {
-		e.Judge = judge
-		rm, err := e.GC(*network, valid, suspects)
+	for _, g := range engines {
+		g.e.Judge = judge
+		rm, err := g.e.GC(*network, valid, suspects)
+		for _, o := range rm {
+			fmt.Fprintf(stdout, "removed %s (%s)\n", o, g.where(o))
+		}
 		removed = append(removed, rm...)
 		if err != nil {
 			errs = append(errs, err)
 		}
-	}
-	seen := map[hostport.Owner]bool{}
-	for _, o := range removed {
-		if seen[o] {
-			continue
-		}
-		seen[o] = true
-		fmt.Fprintf(stdout, "removed %s (chain %s)\n", o, hostport.ChainName(o))
 	}
 	if len(errs) > 0 {
 		return envError{errors.Join(errs...)}

@@ -115,6 +115,15 @@ func iptablesClaims(ipt []plan.FamilyAudit, f hostport.Family) []iptClaim {
 	return out
 }
 
+// ownerName names a claim's owner and where it lives, as audit messages do; upstream's
+// rules know only the container ID.
+func ownerName(o hostport.Owner, chain string) string {
+	if o.Network == "" && o.ContainerID != "" {
+		return fmt.Sprintf("container %s (chain %s)", o.ContainerID, chain)
+	}
+	return plan.OwnerText(o, chain)
+}
+
 // InUse reports whether the nftables side has anything to audit: portguard's table or an
 // upstream cni_hostport table.
 func InUse(o nftables.Observed) bool { return o.Table || len(o.UpstreamTables) > 0 }
@@ -200,11 +209,11 @@ func auditFamily(o nftables.Observed, f hostport.Family, ipt []plan.FamilyAudit,
 		}
 		kind, fix := plan.KindShadowedClaim, fmt.Sprintf("portguardctl repair --backend nftables --family %d (removes the stale claim), or --keep %s to keep this one", fnum, c.owner)
 		msg := fmt.Sprintf("%s: the claim of %s (-> %s) is shadowed by %s (-> %s), which upstream portmap's chain evaluates first: packets to the port go to %s, never to this pod",
-			c.claim, plan.OwnerText(c.owner, c.chain), c.dest, plan.OwnerText(w.owner, w.chain), w.dest, w.dest)
+			c.claim, ownerName(c.owner, c.chain), c.dest, ownerName(w.owner, w.chain), w.dest, w.dest)
 		if c.elem != nil && w.upstream != nil {
 			kind = plan.KindSplitClaim
 			msg = fmt.Sprintf("%s is claimed in two backends: by %s (-> %s) in portguard's table and by %s (-> %s) in upstream portmap's nftables table, whose hook (priority -100) runs before portguard's (-99): packets go to %s",
-				c.claim, plan.OwnerText(c.owner, c.chain), c.dest, plan.OwnerText(w.owner, w.chain), w.dest, w.dest)
+				c.claim, ownerName(c.owner, c.chain), c.dest, ownerName(w.owner, w.chain), w.dest, w.dest)
 			fa.Summary.SplitClaims++
 		} else {
 			fa.Summary.ShadowedClaims++
@@ -229,7 +238,7 @@ func auditFamily(o nftables.Observed, f hostport.Family, ipt []plan.FamilyAudit,
 			add(plan.Problem{Kind: plan.KindSplitClaim, Chain: c.chain, Network: c.owner.Network, ContainerID: c.owner.ContainerID,
 				Protocol: c.claim.Proto, HostPort: c.claim.HostPort,
 				Message: fmt.Sprintf("%s is claimed in two backends: by %s (-> %s) in %s and by %s (-> %s) in iptables' nat table, which runs first: packets go to %s",
-					c.claim, plan.OwnerText(c.owner, c.chain), c.dest, who, plan.OwnerText(ic.owner, ic.chain), ic.dest, ic.dest),
+					c.claim, ownerName(c.owner, c.chain), c.dest, who, ownerName(ic.owner, ic.chain), ic.dest, ic.dest),
 				Fix: fmt.Sprintf("portguardctl repair --backend nftables --family %d (removes whichever claim's owner is stale), or DEL the attachment that should not have the port", fnum)})
 		}
 	}

@@ -204,9 +204,9 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 		}
 		nameOf := func(x cand) string {
 			if x.c != nil {
-				return plan.OwnerText(x.c.owner, x.c.chain)
+				return ownerName(x.c.owner, x.c.chain)
 			}
-			return plan.OwnerText(x.ipt.owner, x.ipt.chain) + " in iptables"
+			return ownerName(x.ipt.owner, x.ipt.chain) + " in iptables"
 		}
 		var winners []cand
 		for _, x := range cands {

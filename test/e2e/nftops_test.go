@@ -161,6 +161,7 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 		}
 	}
 	text, _ := ctl(t, b, "audit")
+	t.Logf("portguardctl audit:\n%s", text.Stdout)
 	if !strings.Contains(text.Stdout, "nftables") || !strings.Contains(text.Stdout, "split-claim") {
 		t.Errorf("text audit does not show the nftables side:\n%s", text.Stdout)
 	}
@@ -207,6 +208,7 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 	if code != 0 || !strings.Contains(dry.Stdout, "delete rule ip cni_hostport hostports handle") || !strings.Contains(dry.Stdout, "delete rule ip6 cni_hostport masquerading handle") {
 		t.Errorf("repair --dry-run: exit %d\n%s%s", code, dry.Stdout, dry.Stderr)
 	}
+	t.Logf("portguardctl repair --dry-run:\n%s", dry.Stdout)
 	if after := ruleset(t, b); after != before {
 		t.Fatalf("repair --dry-run changed the ruleset:\n%s\n---\n%s", before, after)
 	}
