@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"io"
 
+	iptb "github.com/portguard/portguard/pkg/backend/iptables"
 	"github.com/portguard/portguard/pkg/backend/nftables"
+	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/nftaudit"
 	"github.com/portguard/portguard/pkg/plan"
@@ -66,16 +69,59 @@ func (n *nftRepair) dryRun(w io.Writer) {
 		fmt.Fprintln(w, "# nftables: nothing to repair")
 		return
 	}
-	fmt.Fprintln(w, "# nftables: one netlink batch (all or nothing):")
-	for _, a := range n.plan.Actions {
-		fmt.Fprintln(w, a)
+	if len(n.plan.Actions) > 0 || n.plan.Layout {
+		fmt.Fprintln(w, "# nftables: one netlink batch (all or nothing):")
+		for _, a := range n.plan.Actions {
+			fmt.Fprintln(w, a)
+		}
 	}
+	for _, o := range iptOwners(n.plan.IPTables) {
+		fmt.Fprintf(w, "# iptables: remove the attachment of stale owner %s (chain %s, both families), whose claim shadows the nftables side's\n", o, hostport.ChainName(o))
+	}
+}
+
+// iptOwners are the owners of the iptables removals, each once.
+func iptOwners(rs []plan.RepairRemoval) []hostport.Owner {
+	var out []hostport.Owner
+	seen := map[hostport.Owner]bool{}
+	for _, r := range rs {
+		if !seen[r.Owner] {
+			seen[r.Owner] = true
+			out = append(out, r.Owner)
+		}
+	}
+	return out
+}
+
+// removeIPTables removes each stale owner's whole iptables attachment through the iptables
+// backend, as the DEL of a dead attachment does (its chain and jumps, both families).
+func (n *nftRepair) removeIPTables(r iptables.Runner, stdout, stderr, logw io.Writer) error {
+	if len(n.plan.IPTables) == 0 {
+		return nil
+	}
+	b := iptb.New(r)
+	for _, o := range iptOwners(n.plan.IPTables) {
+		slow, err := b.Del(&config.Config{Network: o.Network}, o)
+		if err == nil && len(slow) > 0 {
+			err = b.DelRest(o, slow)
+		}
+		if err != nil {
+			return envError{fmt.Errorf("iptables: remove the attachment of %s: %w", o, err)}
+		}
+		fmt.Fprintf(stdout, "iptables: removed the attachment of stale owner %s (chain %s)\n", o, hostport.ChainName(o))
+		for _, rm := range n.plan.IPTables {
+			if rm.Owner == o {
+				logRemoval(rm, stderr, logw)
+			}
+		}
+	}
+	return nil
 }
 
 // apply rewrites the layout when needed, then commits the plan as one batch. A layout
 // rewrite, or a writer that commits in between, moves the ruleset's generation: the side is
 // then observed and planned again (same keep, judge and scope), at most maxNFTRounds times.
-func (n *nftRepair) apply(stdout, stderr, logw io.Writer, keep map[hostport.Owner]bool, j *liveness.Judge, scope plan.RepairScope) error {
+func (n *nftRepair) apply(r iptables.Runner, stdout, stderr, logw io.Writer, keep map[hostport.Owner]bool, j *liveness.Judge, scope plan.RepairScope) error {
 	const maxNFTRounds = 5
 	var last error
 	for range maxNFTRounds {
@@ -104,8 +150,10 @@ func (n *nftRepair) apply(stdout, stderr, logw io.Writer, keep map[hostport.Owne
 			for _, rm := range n.plan.Removals {
 				logRemoval(rm, stderr, logw)
 			}
-			fmt.Fprintf(stdout, "nftables: repaired with one netlink batch (%d changes)\n", len(n.plan.Actions))
-			return nil
+			if len(n.plan.Actions) > 0 {
+				fmt.Fprintf(stdout, "nftables: repaired with one netlink batch (%d changes)\n", len(n.plan.Actions))
+			}
+			return n.removeIPTables(r, stdout, stderr, logw)
 		}
 		if !errors.Is(err, nftables.ErrChanged) && !errors.Is(err, nftables.ErrGone) {
 			return envError{fmt.Errorf("nftables: %w (nothing of the nftables repair was applied)", err)}

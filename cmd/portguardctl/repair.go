@@ -46,8 +46,9 @@ alone. Upstream cni_hostport rules of dead owners (and their masquerade rules) a
 rule by rule; their chains and tables stay, and no other table (kube-proxy's, yours) is
 ever written. Masquerade entries, gates and conditions chains left without a claim go; a
 damaged layout is rewritten first (a batch of its own that never touches elements).
-iptables claims that lose a split port are reported, not changed (repair them with
---backend iptables, or DEL the attachment). --dry-run prints the batch in nft syntax.
+An iptables claim that loses a split port to it is removed only when its owner is stale:
+the owner's whole iptables attachment goes, as its DEL would (iptables backend, after the
+batch). --dry-run prints the batch in nft syntax.
 
 --port PROTO/PORT and --owner NETWORK/CONTAINERID narrow the repair to the problems
 involving that host port or that owner (both given: involving both). Which claim keeps a
@@ -243,7 +244,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		fmt.Fprintf(stdout, "%s: repaired with one %s (%d operations)\n", p.s.Family, restoreTool(p.s.Family), len(p.res.Tx.Ops))
 	}
 	if nrep != nil {
-		if err := nrep.apply(stdout, stderr, logw, keep, judge, scope); err != nil {
+		if err := nrep.apply(r, stdout, stderr, logw, keep, judge, scope); err != nil {
 			failed = append(failed, err)
 		}
 	}

@@ -139,3 +139,24 @@ func TestRepairOrphans(t *testing.T) {
 		t.Errorf("--owner: want only the owner's entry:\n%s\nskipped %q", actions(p), p.Skipped)
 	}
 }
+
+// A claim of iptables' nat table on portguard's port: reported as split; a stale iptables
+// owner's attachment is planned for removal (outside the batch), a live one left alone.
+func TestRepairIPTablesSplit(t *testing.T) {
+	ipOwner := hostport.Owner{Network: "old", ContainerID: "ipt1"}
+	ipt := []plan.FamilyAudit{{Family: hostport.V4, Backend: plan.BackendIPTables, Available: true, Ports: []plan.PortClaims{{
+		Protocol: "tcp", HostPort: 8080,
+		Claims: []plan.AuditClaim{plan.NewClaim(1, ipOwner, tcp8080, netip.MustParseAddrPort("10.0.0.7:80"), "CNI-DN-x")}}}}}
+	o := nftables.Observed{Table: true, Dump: nftables.Dump{Claims: []nftables.Element{elem(pgOwner, tcp8080, "10.0.0.2:80")}}}
+	if k := kinds(Audit(o, ipt, judge{pgOwner: true}, nil)); k[plan.KindSplitClaim] != 1 || len(k) != 1 {
+		t.Errorf("audit: %v", k)
+	}
+	p, err := PlanRepair(&nftables.Tx{}, o, ipt, nil, judge{pgOwner: true}, nil, plan.RepairScope{})
+	if err != nil || len(p.IPTables) != 1 || p.IPTables[0].Owner != ipOwner || len(p.Actions) != 0 || p.Empty() {
+		t.Errorf("stale iptables owner: %+v %v", p, err)
+	}
+	p, _ = PlanRepair(&nftables.Tx{}, o, ipt, nil, judge{pgOwner: true, ipOwner: true}, nil, plan.RepairScope{})
+	if len(p.IPTables) != 0 || !p.Empty() || len(p.Skipped) != 1 {
+		t.Errorf("live iptables owner: %+v", p)
+	}
+}

@@ -24,6 +24,10 @@ type RepairPlan struct {
 	// Removals are the log records of what the transaction removes, one per owner and
 	// place (map or upstream chain) and family.
 	Removals []plan.RepairRemoval
+	// IPTables are the iptables attachments of stale owners whose claim loses a port to a
+	// claim of the nftables side: not part of the batch, the CLI removes each whole (as a DEL
+	// of the dead attachment would) through the iptables backend.
+	IPTables []plan.RepairRemoval
 	// UnknownKeep are --keep owners without any claim on the nftables side.
 	UnknownKeep []hostport.Owner
 	// ScopeOwnerSeen says the scope's owner has something on the nftables side.
@@ -31,7 +35,7 @@ type RepairPlan struct {
 }
 
 // Empty reports whether the plan changes nothing.
-func (p RepairPlan) Empty() bool { return !p.Layout && len(p.Actions) == 0 }
+func (p RepairPlan) Empty() bool { return !p.Layout && len(p.Actions) == 0 && len(p.IPTables) == 0 }
 
 // Tiers of a contested port, as iptables' repair and ADD's takeover rank claims: the
 // owners named by --keep, then owners alive or not judgeable (never removed on a guess),
@@ -225,8 +229,17 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 					p.Skipped = append(p.Skipped, fmt.Sprintf("%s: %s has several live claimants, %s and %s; left alone: choose one with --keep", f, cl, nameOf(w), nameOf(x)))
 				case !inScope:
 					p.Skipped = append(p.Skipped, fmt.Sprintf("%s: %s of %s loses to %s; left alone (outside %s)", f, cl, nameOf(x), nameOf(w), scope))
+				case x.ipt != nil && (x.tier != tierRest || x.ipt.owner.IsZero()):
+					p.Skipped = append(p.Skipped, fmt.Sprintf("%s: %s of %s loses to %s, but only a stale owner's iptables attachment is removed here: CNI DEL that attachment", f, cl, nameOf(x), nameOf(w)))
 				case x.ipt != nil:
-					p.Skipped = append(p.Skipped, fmt.Sprintf("%s: %s of %s loses to %s, but iptables rules are not changed by the nftables repair: CNI DEL that attachment, or portguardctl repair --backend iptables / portguardctl gc --network %s", f, cl, nameOf(x), nameOf(w), x.ipt.owner.Network))
+					ko := ownerOf(w)
+					r := plan.RepairRemoval{Family: f.String(), Owner: x.ipt.owner, Chain: x.ipt.chain, Claims: []hostport.Claim{cl},
+						Destinations: []string{x.ipt.dest}, ChainRemoved: true, Reasons: []string{plan.KindSplitClaim}, KeptFor: &ko}
+					if j != nil {
+						ev := j.Owner(x.ipt.owner, destAddr(x.ipt.dest))
+						r.OwnerState, r.Evidence = string(ev.State), &ev
+					}
+					p.IPTables = append(p.IPTables, r)
 				default:
 					ko := ownerOf(w)
 					reason := plan.KindShadowedClaim

@@ -336,3 +336,54 @@ func TestNFTRepairOrphansAndLayout(t *testing.T) {
 	expectNoAnswer(t, "tcp", b.Client, b.NodeIP6.String(), 8110)
 	expectAnswer(t, "tcp", b.Client, b.NodeIP6.String(), 8112, "K")
 }
+
+// A claim split between iptables and portguard's table: upstream portmap's iptables backend
+// claimed portguard pod P's port after P (it never looks at nftables) and its pod S died
+// without DEL; iptables' nat runs first, so the port is dead in both families. audit
+// reports the split claim; repair removes S's whole iptables attachment (its chain and
+// jumps, as S's DEL would) and nothing else; P answers again.
+func TestNFTRepairSplitWithIPTables(t *testing.T) {
+	t.Parallel()
+	b, pg, _ := nftBed(t)
+	if v, _ := b.Exec(b.Node, "iptables", "-V"); v == "" {
+		t.Skip("no iptables on this machine")
+	}
+	ipt := b.Network(tb.NetConfig{PortPlugin: "portmap", Bridge: "cni2"})
+	foreign := foreignTables(t, b)
+	p, s, k := b.NewPod("P"), b.NewPod("S"), b.NewPod("K")
+	for _, x := range []*tb.Pod{p, s, k} {
+		x.Serve(80)
+	}
+	pg.MustAdd(p, tb.TCP(8095, 80))
+	ipt.MustAdd(s, tb.TCP(8095, 80))
+	ipt.MustAdd(k, tb.TCP(8096, 80))
+	for _, f := range families {
+		expectAnswer(t, "tcp", b.Client, b.NodeIP(f).String(), 8095, "S")
+	}
+	s.Kill()
+	rep, code := nftAudit(t, b)
+	if k := nftKinds(rep); code != 1 || k[plan.KindSplitClaim] != 2 {
+		t.Fatalf("audit: exit %d, nftables problems %v; want split-claim in both families", code, k)
+	}
+	dry, _ := ctl(t, b, "repair", "--dry-run")
+	if !strings.Contains(dry.Stdout, "# iptables: remove the attachment of stale owner") {
+		t.Errorf("repair --dry-run:\n%s", dry.Stdout)
+	}
+	res, code := ctl(t, b, "repair")
+	if code != 0 {
+		t.Fatalf("repair: exit %d\n%s%s", code, res.Stdout, res.Stderr)
+	}
+	for _, f := range families {
+		expectAnswer(t, "tcp", b.Client, b.NodeIP(f).String(), 8095, "P")
+		expectAnswer(t, "tcp", b.Client, b.NodeIP(f).String(), 8096, "K")
+		if got := jumpsTo(b, f, s.Chain(ipt)); len(got) != 0 || strings.Contains(strings.Join(b.DNChains(f), " "), s.Chain(ipt)) {
+			t.Errorf("%s: S's iptables attachment left: %v", f, got)
+		}
+		if got := jumpsTo(b, f, k.Chain(ipt)); len(got) == 0 {
+			t.Errorf("%s: K's iptables attachment went too", f)
+		}
+	}
+	if got := foreignTables(t, b); got != foreign {
+		t.Errorf("foreign tables changed by repair:\n%s\n---\n%s", foreign, got)
+	}
+}
