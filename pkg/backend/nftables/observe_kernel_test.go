@@ -1,8 +1,12 @@
 package nftables
 
 import (
+	"fmt"
+	"os"
 	"strings"
 	"testing"
+
+	"github.com/containernetworking/plugins/pkg/ns"
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/nftcond"
@@ -122,5 +126,37 @@ func TestObserveOrphans(t *testing.T) {
 	}
 	if out := k.MustExec(k.Node, "nft", "list table inet portguard"); strings.Contains(out, ch) {
 		t.Fatalf("chain %s still there:\n%s", ch, out)
+	}
+}
+
+// BenchmarkObserve measures one Observe (what audit, repair, doctor and export read: the
+// layout, every element, gates, conditions chains, upstream's tables) of a table holding N
+// attachments (v4 + v6 claims and masquerade entries each), in a namespace of its own.
+//
+//	go test -run '^$' -bench Observe -benchtime 20x ./pkg/backend/nftables/
+func BenchmarkObserve(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	for _, n := range []int{1000, 5000} {
+		b.Run(fmt.Sprintf("N=%d", n), func(b *testing.B) {
+			h := ownNetns(b)
+			var t *Table
+			if err := h.Do(func(ns.NetNS) (err error) { t, err = Open(); return err }); err != nil {
+				b.Fatal(err)
+			}
+			defer t.Close()
+			if _, err := t.Ensure(); err != nil {
+				b.Fatal(err)
+			}
+			prefill(b, t, n)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				_, o, err := t.Observe()
+				if err != nil || len(o.Dump.Claims) != 2*n {
+					b.Fatalf("Observe: %d claims, %v", len(o.Dump.Claims), err)
+				}
+			}
+		})
 	}
 }
