@@ -160,6 +160,13 @@ func TestNFTRepairPollutedByUpstream(t *testing.T) {
 			}
 		}
 	}
+	prom, code := ctl(t, b, "audit", "-o", "prometheus")
+	for _, want := range []string{`portguard_split_claims{backend="nftables",family="ipv4"} 1`, `portguard_stale_upstream_rules{backend="nftables",family="ipv6"} 2`,
+		`portguard_audit_healthy{backend="nftables",family="ipv4"} 0`, `portguard_claims{backend="nftables",family="ipv6"} 4`} {
+		if code != 0 || !strings.Contains(prom.Stdout, want) {
+			t.Errorf("audit -o prometheus: exit %d, no %q:\n%s", code, want, prom.Stdout)
+		}
+	}
 	text, _ := ctl(t, b, "audit")
 	t.Logf("portguardctl audit:\n%s", text.Stdout)
 	if !strings.Contains(text.Stdout, "nftables") || !strings.Contains(text.Stdout, "split-claim") {
