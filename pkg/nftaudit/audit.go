@@ -185,14 +185,10 @@ func auditFamily(o nftables.Observed, f hostport.Family, ipt []plan.FamilyAudit,
 	fa.Summary.Chains = len(o.CondChains)
 	// Owners (and address reuse) are judged on the claims as listed.
 	fa.JudgeOwners(j)
-	state := map[*claim]string{}
+	state := map[*claim]string{} // the owner state JudgeOwners gave each claim (by position)
 	for _, pc := range fa.Ports {
 		for _, ac := range pc.Claims {
-			for _, c := range cs {
-				if c.ac.Position == ac.Position {
-					state[c] = ac.OwnerState
-				}
-			}
+			state[cs[ac.Position-1]] = ac.OwnerState
 		}
 	}
 	add := func(p plan.Problem) { fa.Problems = append(fa.Problems, p) }

@@ -392,17 +392,18 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 		p.Removals = append(p.Removals, *rems[k])
 	}
 	// ChainRemoved: nothing of the owner is left in that place.
+	left := map[string]bool{}
+	for _, f := range hostport.Families {
+		for _, c := range claims(o, f, res) {
+			if !(c.elem != nil && removedElem[c.elem]) && !(c.upstream != nil && upGone[c.upstream]) {
+				left[f.String()+"\x00"+c.chain+"\x00"+c.owner.String()] = true
+			}
+		}
+	}
 	for i := range p.Removals {
 		r := &p.Removals[i]
-		for _, f := range hostport.Families {
-			if f.String() != r.Family {
-				continue
-			}
-			for _, c := range claims(o, f, res) {
-				if c.chain == r.Chain && c.owner == r.Owner && !(c.elem != nil && removedElem[c.elem]) && !(c.upstream != nil && upGone[c.upstream]) {
-					r.ChainRemoved = false
-				}
-			}
+		if left[r.Family+"\x00"+r.Chain+"\x00"+r.Owner.String()] {
+			r.ChainRemoved = false
 		}
 	}
 	return p, nil
