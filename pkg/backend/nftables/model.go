@@ -176,17 +176,28 @@ func decodeElement(f hostport.Family, hostIP bool, e nft.Elem) (Element, error) 
 	if len(k) != want || len(e.Data) != w+4 {
 		return Element{}, fmt.Errorf("element of %d/%d bytes in a %s map", len(k), len(e.Data), f)
 	}
+	c := decodeKey(f, hostIP, k)
+	a, _ := addrFrom(e.Data[:w])
+	out := Element{Claim: c, Dest: netip.AddrPortFrom(a, binary.BigEndian.Uint16(e.Data[w:w+2])), Comment: e.Comment}
+	out.Owner, _ = ParseOwner(e.Comment)
+	return out, nil
+}
+
+// decodeKey reads a claim back from a map key of the right length (hostIP: with the
+// address first).
+func decodeKey(f hostport.Family, hostIP bool, k []byte) hostport.Claim {
 	c := hostport.Claim{Family: f}
 	if hostIP {
+		w := 4
+		if f == hostport.V6 {
+			w = 16
+		}
 		c.HostIP, _ = addrFrom(k[:w])
 		k = k[w:]
 	}
 	c.Proto = protoName(k[0])
 	c.HostPort = int(binary.BigEndian.Uint16(k[4:6]))
-	a, _ := addrFrom(e.Data[:w])
-	out := Element{Claim: c, Dest: netip.AddrPortFrom(a, binary.BigEndian.Uint16(e.Data[w:w+2])), Comment: e.Comment}
-	out.Owner, _ = ParseOwner(e.Comment)
-	return out, nil
+	return c
 }
 
 func (e Element) elem() nft.Elem {
