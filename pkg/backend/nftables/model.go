@@ -180,6 +180,12 @@ func decodeElement(f hostport.Family, hostIP bool, e nft.Elem) (Element, error) 
 	if hostIP {
 		c.HostIP, _ = addrFrom(k[:w])
 		k = k[w:]
+		// Portguard writes the unspecified address to the wildcard map, never here: read
+		// as a wildcard claim, such an element (another writer's) would be named by a key
+		// of the other map, and a deletion of it would fail every time.
+		if c.HostIP.IsUnspecified() {
+			return Element{}, fmt.Errorf("element with host IP %s in the %s host IP map", c.HostIP, f)
+		}
 	}
 	c.Proto = protoName(k[0])
 	c.HostPort = int(binary.BigEndian.Uint16(k[4:6]))
