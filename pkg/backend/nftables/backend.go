@@ -263,9 +263,9 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 	return p, nil
 }
 
-// finishVictims removes the masquerade entries of every element owner taken over whose
-// claims all go in this transaction, and marks the takeovers of owners that keep some
-// claim as not complete (ChainRemoved false).
+// finishVictims removes the masquerade entries of a family of every element owner taken
+// over whose claims of that family all go in this transaction, and marks the takeovers of
+// owners that keep some claim (of any family) as not complete (ChainRemoved false).
 func (p *addPlan) finishVictims(t *Table, removed []Element) error {
 	if len(p.takeovers) == 0 {
 		return nil
@@ -279,11 +279,13 @@ func (p *addPlan) finishVictims(t *Table, removed []Element) error {
 		_, k := claimKey(e.Claim)
 		gone[e.Claim.Family.String()+string(k)+e.Comment] = true
 	}
-	keeps := map[string]bool{} // comment -> some claim stays
+	keeps := map[string]bool{}   // comment -> some claim stays
+	keepsIn := map[string]bool{} // family and comment -> some claim of that family stays
 	for _, e := range dump.Claims {
 		_, k := claimKey(e.Claim)
 		if !gone[e.Claim.Family.String()+string(k)+e.Comment] {
 			keeps[e.Comment] = true
+			keepsIn[e.Claim.Family.String()+"/"+e.Comment] = true
 		}
 	}
 	for i := range p.takeovers {
@@ -292,8 +294,11 @@ func (p *addPlan) finishVictims(t *Table, removed []Element) error {
 		if !ok {
 			continue // an upstream rule
 		}
-		if keeps[comment] {
-			tk.ChainRemoved = false
+		// The record goes only with the owner's last claim (of any family); the masquerade
+		// entry of a family goes with the owner's last claim of that family, or a dual-stack
+		// victim that keeps the other family would leave it behind for good.
+		tk.ChainRemoved = !keeps[comment]
+		if keepsIn[tk.Family+"/"+comment] {
 			continue
 		}
 		for _, m := range dump.Masq {
