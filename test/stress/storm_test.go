@@ -94,14 +94,18 @@ func waitListening(pid, port int) error {
 
 // dialNode connects from the node namespace to the node's own address on port and returns
 // what the answering pod said. Only the storm node's bridge address is ever dialled.
-func (n *node) dialNode(port int) (string, error) {
+func (n *node) dialNode(port int) (string, error) { return n.dialAddr(stormNodeIP, port) }
+
+// dialAddr connects from the node namespace to one of the node's own addresses (ip) on
+// port and returns what the answering pod said.
+func (n *node) dialAddr(ip string, port int) (string, error) {
 	h, err := ns.GetNS("/var/run/netns/" + n.ns)
 	if err != nil {
 		return "", err
 	}
 	defer h.Close()
 	var conn net.Conn
-	addr := net.JoinHostPort(stormNodeIP, strconv.Itoa(port))
+	addr := net.JoinHostPort(ip, strconv.Itoa(port))
 	err = h.Do(func(ns.NetNS) error {
 		var err error
 		conn, err = net.DialTimeout("tcp", addr, stormDialWait)
