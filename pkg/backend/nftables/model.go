@@ -87,9 +87,11 @@ func OwnerComment(o hostport.Owner) string {
 	return hashPrefix + hex.EncodeToString(sum[:])
 }
 
-// ParseOwner reads an element comment; ok is false for hashes and foreign comments.
+// ParseOwner reads an element comment; ok is false for hashes and foreign comments, so an
+// owner it returns is one whose OwnerComment is c (a plain comment longer than
+// nft.MaxComment is another writer's: portguard names such an owner by its hash).
 func ParseOwner(c string) (hostport.Owner, bool) {
-	if strings.HasPrefix(c, hashPrefix) {
+	if strings.HasPrefix(c, hashPrefix) || len(c) > nft.MaxComment {
 		return hostport.Owner{}, false
 	}
 	n, id, ok := strings.Cut(c, "/")
