@@ -98,6 +98,12 @@ var ErrNeedExclusive = errors.New("the plan must be applied under the exclusive 
 // xtables lock) too long. The engine maps it to CNI code 11 (try again later).
 var ErrBusy = errors.New("the firewall is busy")
 
+// ErrInUse marks an ADD refused because a claim on one of its ports cannot be taken over
+// by this backend whatever its owner's state (e.g. an iptables-legacy rule seen by the
+// nftables backend, which can only delete nf_tables rules). The engine maps it to the
+// code of a port in use.
+var ErrInUse = errors.New("host port held by a claim this backend cannot take over")
+
 // ErrUnusable marks Del's and DelRest's error when no family of the backend is usable on
 // this node.
 var ErrUnusable = errors.New("no family of the backend is usable")

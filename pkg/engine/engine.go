@@ -61,7 +61,8 @@ func (e *Engine) lock(mode lock.Mode) (*lock.Lock, error) {
 	return l, nil
 }
 
-// cniError gives the errors a runtime may retry their CNI code: a lock held too long.
+// cniError gives the errors a runtime may retry their CNI code (a lock held too long), and
+// a port held by a claim the backend cannot take over the code of a port in use.
 func cniError(err error) error {
 	var ce *types.Error
 	if err == nil || errors.As(err, &ce) {
@@ -69,6 +70,9 @@ func cniError(err error) error {
 	}
 	if errors.Is(err, backend.ErrBusy) {
 		return types.NewError(types.ErrTryAgainLater, err.Error(), "")
+	}
+	if errors.Is(err, backend.ErrInUse) {
+		return types.NewError(ErrHostPortInUse, err.Error(), "remove the other claim with the tool that wrote it")
 	}
 	return err
 }

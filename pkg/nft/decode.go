@@ -428,19 +428,28 @@ func ruleArgs(f hostport.Family, r Rule) ([]string, bool) {
 // exists is false when the chain does not exist. ok is false when any rule has a shape the
 // decoder does not know, or the read failed: read it with iptables then.
 func (c *Conn) ReadChain(f hostport.Family, chain string) (rules []iptables.Rule, exists, ok bool) {
+	rules, _, exists, ok = c.ReadChainHandles(f, chain)
+	return rules, exists, ok
+}
+
+// ReadChainHandles is ReadChain that also returns each rule's kernel handle
+// (handles[i] is that of rules[i]), for a batch that deletes some of them by handle.
+func (c *Conn) ReadChainHandles(f hostport.Family, chain string) (rules []iptables.Rule, handles []uint64, exists, ok bool) {
 	nrs, exists, err := c.Rules(f, chain)
 	if err != nil {
-		return nil, false, false
+		return nil, nil, false, false
 	}
 	rules = make([]iptables.Rule, 0, len(nrs))
+	handles = make([]uint64, 0, len(nrs))
 	for _, r := range nrs {
 		args, ok := ruleArgs(f, r)
 		if !ok {
-			return nil, false, false
+			return nil, nil, false, false
 		}
 		rules = append(rules, iptables.Rule{Chain: chain, Args: args})
+		handles = append(handles, r.Handle)
 	}
-	return rules, exists, true
+	return rules, handles, exists, true
 }
 
 var protoNames = map[byte]string{unix.IPPROTO_TCP: "tcp", unix.IPPROTO_UDP: "udp", unix.IPPROTO_SCTP: "sctp"}

@@ -16,7 +16,10 @@ import (
 type Excerpt struct {
 	Rules []iptables.Rule // as `iptables -S` prints them
 	Pos   []int           // Pos[i] is the 0-based position of Rules[i] in the chain
-	Len   int             // rules in the whole chain
+	// Handles[i] is the kernel handle of Rules[i]: what a batch that deletes the rule
+	// names (DeleteRule), valid while the ruleset generation it was read at holds.
+	Handles []uint64
+	Len     int // rules in the whole chain
 }
 
 // Excerpt reads chain of table nat and keeps what can matter to the attachment whose
@@ -82,6 +85,7 @@ func (c *Conn) excerpt(f hostport.Family, chain, own string, claims []hostport.C
 			}
 			ex.Rules = append(ex.Rules, iptables.Rule{Chain: chain, Args: args})
 			ex.Pos = append(ex.Pos, ex.Len)
+			ex.Handles = append(ex.Handles, r.Handle)
 		}
 		ex.Len++
 	})

@@ -53,24 +53,36 @@ func Usable(f hostport.Family, paths ...string) bool {
 // up in CNI-HOSTPORT-DNAT. The chain's use count (its rules plus every rule jumping to
 // it) proves the jump found is the only way in.
 func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err error) {
+	ops, done, err := c.RemoveAttachmentOps(f, chain)
+	if err != nil || !done || len(ops) == 0 {
+		return done, err
+	}
+	if err := c.Commit(ops...); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// RemoveAttachmentOps plans what RemoveAttachment commits, for a caller that puts the
+// operations into a batch of its own: done is true with no operations when the chain does
+// not exist, false (and no operations) when the kernel shows anything the removal of the
+// chain and its one jump would not cover.
+func (c *Conn) RemoveAttachmentOps(f hostport.Family, chain string) (ops []Op, done bool, err error) {
 	ch, ok, err := c.Chain(f, chain)
 	if err != nil || !ok {
 		// No chain, no jump: a rule cannot jump to a chain that does not exist.
-		return err == nil, err
+		return nil, err == nil, err
 	}
 	rules, ok, err := c.Rules(f, chain)
 	if err != nil || !ok {
-		return false, err
+		return nil, false, err
 	}
 	switch refs := int(ch.Use) - len(rules); refs {
 	case 0:
-		if err := c.Commit(DeleteChain(f, chain)); err != nil {
-			return false, err
-		}
-		return true, nil
+		return []Op{DeleteChain(f, chain)}, true, nil
 	case 1:
 	default:
-		return false, nil
+		return nil, false, nil
 	}
 	guess := ch.Handle
 	for _, r := range rules {
@@ -83,22 +95,19 @@ func (c *Conn) RemoveAttachment(f hostport.Family, chain string) (done bool, err
 	} else {
 		all, ok, err := c.Rules(f, hostport.DNATChain)
 		if err != nil || !ok {
-			return false, err
+			return nil, false, err
 		}
 		for _, r := range all {
 			if r.Jump() == chain {
 				if jump != 0 {
-					return false, nil
+					return nil, false, nil
 				}
 				jump = r.Handle
 			}
 		}
 		if jump == 0 {
-			return false, nil // the reference is outside CNI-HOSTPORT-DNAT
+			return nil, false, nil // the reference is outside CNI-HOSTPORT-DNAT
 		}
 	}
-	if err := c.Commit(DeleteRule(f, hostport.DNATChain, jump), DeleteChain(f, chain)); err != nil {
-		return false, err
-	}
-	return true, nil
+	return []Op{DeleteRule(f, hostport.DNATChain, jump), DeleteChain(f, chain)}, true, nil
 }

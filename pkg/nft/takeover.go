@@ -239,12 +239,28 @@ func (c *Conn) TakeFrom(f hostport.Family, chain string, drop map[string][]int, 
 }
 
 func (c *Conn) takeFrom(f hostport.Family, chain string, drop map[string][]int, handles []uint64) error {
-	if _, exists, err := c.Chain(f, chain); err != nil || !exists {
+	ops, err := c.TakeOps(f, chain, drop, handles)
+	if err != nil {
 		return err
+	}
+	return c.Commit(ops...)
+}
+
+// TakeOps plans what TakeFrom commits, for a caller that puts the operations into a
+// batch of its own (the nftables backend takes an iptables-nft claim over in the batch
+// that creates the new claim): the rewrites and deletions of the chain's jumps in
+// CNI-HOSTPORT-DNAT, then the deletion of the chain when no jump is left, or else of the
+// rules with these handles that are still there. It reads the current jumps (a dump of
+// CNI-HOSTPORT-DNAT) and, when the chain stays, each handle; no operations when the chain
+// does not exist. A batch of these ops committed at the generation of those reads
+// (CommitAt) applies exactly what was planned or nothing.
+func (c *Conn) TakeOps(f hostport.Family, chain string, drop map[string][]int, handles []uint64) ([]Op, error) {
+	if _, exists, err := c.Chain(f, chain); err != nil || !exists {
+		return nil, err
 	}
 	jumps, _, err := c.Rules(f, hostport.DNATChain)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var ops []Op
 	left := 0
@@ -254,7 +270,7 @@ func (c *Conn) takeFrom(f hostport.Family, chain string, drop map[string][]int, 
 		}
 		ri, ok := decodeRule(f, r)
 		if !ok {
-			return fmt.Errorf("jump %d into %s: a shape the decoder does not know", r.Handle, chain)
+			return nil, fmt.Errorf("jump %d into %s: a shape the decoder does not know", r.Handle, chain)
 		}
 		var info []byte
 		for _, m := range ri.matches[:ri.nmatch] {
@@ -264,7 +280,7 @@ func (c *Conn) takeFrom(f hostport.Family, chain string, drop map[string][]int, 
 		}
 		gone := drop[protoNames[ri.proto]]
 		if info == nil {
-			return fmt.Errorf("jump %d into %s has no multiport match", r.Handle, chain)
+			return nil, fmt.Errorf("jump %d into %s has no multiport match", r.Handle, chain)
 		}
 		var keep []int
 		changed := false
@@ -286,24 +302,23 @@ func (c *Conn) takeFrom(f hostport.Family, chain string, drop map[string][]int, 
 		case len(keep) == 0:
 			ops = append(ops, DeleteRule(f, hostport.DNATChain, r.Handle))
 		case ranges || len(keep) > multiportMax:
-			return fmt.Errorf("jump %d into %s holds port ranges", r.Handle, chain)
+			return nil, fmt.Errorf("jump %d into %s holds port ranges", r.Handle, chain)
 		default:
 			left++
 			ops = append(ops, insertAfter(f, r, ri.proto, withPorts(info, keep)), DeleteRule(f, hostport.DNATChain, r.Handle))
 		}
 	}
 	if left == 0 {
-		ops = append(ops, DeleteChain(f, chain))
-	} else {
-		for _, h := range handles {
-			if _, ok, err := c.Rule(f, chain, h); err != nil {
-				return err
-			} else if ok {
-				ops = append(ops, DeleteRule(f, chain, h))
-			}
+		return append(ops, DeleteChain(f, chain)), nil
+	}
+	for _, h := range handles {
+		if _, ok, err := c.Rule(f, chain, h); err != nil {
+			return nil, err
+		} else if ok {
+			ops = append(ops, DeleteRule(f, chain, h))
 		}
 	}
-	return c.Commit(ops...)
+	return ops, nil
 }
 
 // withPorts is a multiport (revision 1) info like info with ports as its list.

@@ -224,6 +224,30 @@ func (b *Backend) plan(t *Table, d desired, owner hostport.Owner) (addPlan, erro
 			tx.RemoveUpstream(u)
 		}
 	}
+	// iptables-format claims on the same ports (iptables' nat runs first): taken over in
+	// this batch, judged like the others.
+	for _, f := range hostport.Families {
+		cs := claimsOf(d.claims, f)
+		if len(cs) == 0 {
+			continue
+		}
+		if legacy, err := t.legacyClaims(f, cs); err != nil {
+			return addPlan{}, err
+		} else if len(legacy) > 0 {
+			return addPlan{}, refuseLegacy(legacy)
+		}
+		v, err := t.observeIptables(f, owner, cs)
+		if err != nil {
+			return addPlan{}, err
+		}
+		ip, err := t.planIptables(v, owner, cs)
+		if err != nil {
+			return addPlan{}, err
+		}
+		tx.RemoveIptables(ip.ops...)
+		p.takeovers = append(p.takeovers, ip.takeovers...)
+		p.conflicts = append(p.conflicts, ip.conflicts...)
+	}
 	// A victim left with no claim loses its masquerade entries too, and its takeover says
 	// so (ChainRemoved: the engine then drops its record). Takeovers are rare, so the
 	// whole table is read only then.
@@ -321,8 +345,11 @@ func retryable(err error) bool {
 // chains are ensured first, then the claims are observed, every conflict goes through
 // h.Decide before anything of the attachment is written, h.Record runs before the first
 // commit, and the batch removes this owner's outdated elements, the taken-over claims
-// (upstream cni_hostport rules included) and creates the missing ones. A re-ADD of the
-// same attachment commits nothing. When another writer commits in between, it observes,
+// (upstream cni_hostport rules and iptables-nft CNI-DN claims included, see
+// iptclaims.go) and this owner's iptables-format leftover, and creates the missing ones.
+// An iptables-legacy claim on a claimed port ends the call (backend.ErrInUse) before
+// anything of the attachment is written: netlink cannot remove it. A re-ADD of the same
+// attachment commits nothing. When another writer commits in between, it observes,
 // plans and decides again, up to maxAttempts times; under the shared lock (parallel), then
 // it asks for the exclusive lock (backend.ErrNeedExclusive) and is called again there,
 // where no other portguard call commits: the generation a batch is checked against changes
@@ -432,11 +459,13 @@ func (b *Backend) removeOwner(tx *Tx, dump Dump, owner hostport.Owner, pods map[
 	return any, nil
 }
 
-// Del removes the attachment's elements, masquerade entries and upstream-format leftovers
-// of this container in one batch; nothing of it there is success (idempotent). It reads the
-// whole table (Dump), so it also finds the elements of an attachment whose mappings the
-// DEL does not carry. When other calls kept committing for all its attempts (see Add), it
-// leaves the removal to DelRest, under the exclusive lock: rest is then every family.
+// Del removes the attachment's elements, masquerade entries, upstream-format leftovers of
+// this container and its own iptables-format chain (iptLeftoverOps: an attachment ADDed
+// by an iptables backend before the node switched) in one batch; nothing of it there is
+// success (idempotent). It reads the whole table (Dump), so it also finds the elements of
+// an attachment whose mappings the DEL does not carry. When other calls kept committing
+// for all its attempts (see Add), it leaves the removal to DelRest, under the exclusive
+// lock: rest is then every family.
 func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family, error) {
 	t, err := b.table()
 	if err != nil {
@@ -452,8 +481,17 @@ func (b *Backend) Del(c *config.Config, owner hostport.Owner) ([]hostport.Family
 
 func (b *Backend) del(t *Table, c *config.Config, owner hostport.Owner) error {
 	return t.rewrite("DEL of "+owner.String(), func(tx *Tx, dump Dump) error {
-		_, err := b.removeOwner(tx, dump, owner, c.PodIPs)
-		return err
+		if _, err := b.removeOwner(tx, dump, owner, c.PodIPs); err != nil {
+			return err
+		}
+		for _, f := range hostport.Families {
+			ops, err := t.iptLeftoverOps(f, owner)
+			if err != nil {
+				return err
+			}
+			tx.RemoveIptables(ops...)
+		}
+		return nil
 	})
 }
 
@@ -475,7 +513,8 @@ func (b *Backend) DelRest(owner hostport.Owner, _ []hostport.Family) error {
 // Check reports what differs from the attachment c describes: the layout (Verify), each
 // claim's element (present, this owner's, the right destination and conditions), the
 // masquerade entries with snat, and what would shadow a claim because it DNATs first:
-// upstream cni_hostport rules for the same port, and nat chains of other tables hooked
+// upstream cni_hostport rules for the same port, iptables CNI claims of the same port
+// (iptables-nft and iptables-legacy, live or not), and nat chains of other tables hooked
 // before iptables' nat (priority below -100; those at -100, iptables' nat and kube-proxy,
 // run first by design, see PriorityDNAT).
 func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error) {
@@ -542,6 +581,25 @@ func (b *Backend) Check(c *config.Config, owner hostport.Owner) ([]string, error
 				break
 			}
 		}
+	}
+	for _, f := range hostport.Families {
+		cs := claimsOf(d.claims, f)
+		if len(cs) == 0 {
+			continue
+		}
+		if legacy, err := t.legacyClaims(f, cs); err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+		} else {
+			for _, l := range legacy {
+				problems = append(problems, l+": it runs before portguard's claims")
+			}
+		}
+		v, err := t.observeIptables(f, owner, cs)
+		if err != nil {
+			problems = append(problems, fmt.Sprintf("%s: %v", f, err))
+			continue
+		}
+		problems = append(problems, iptShadows(v, owner, cs)...)
 	}
 	earlier, err := t.EarlierNAT()
 	if err != nil {

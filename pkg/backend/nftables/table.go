@@ -12,6 +12,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/nft"
+	"github.com/portguard/portguard/pkg/xtlegacy"
 )
 
 // inet is NFPROTO_INET, the family of every object in portguard's table.
@@ -23,9 +24,11 @@ const inet = unix.NFPROTO_INET
 type Table struct {
 	nl *nft.Conn
 	g  *gnft.Conn
+	// legacy reads iptables-legacy's nat tables of the same namespace (legacyClaims).
+	legacy *xtlegacy.Reader
 }
 
-// Open opens both sockets in the calling thread's network namespace.
+// Open opens the sockets in the calling thread's network namespace.
 func Open() (*Table, error) {
 	nl, err := nft.Open()
 	if err != nil {
@@ -36,11 +39,18 @@ func Open() (*Table, error) {
 		nl.Close()
 		return nil, fmt.Errorf("nf_tables netlink socket: %w", err)
 	}
-	return &Table{nl: nl, g: g}, nil
+	legacy, err := xtlegacy.Open()
+	if err != nil {
+		nl.Close()
+		g.CloseLasting()
+		return nil, fmt.Errorf("legacy nat tables: %w", err)
+	}
+	return &Table{nl: nl, g: g, legacy: legacy}, nil
 }
 
 // Close closes the sockets.
 func (t *Table) Close() error {
+	t.legacy.Close()
 	return errors.Join(t.g.CloseLasting(), t.nl.Close())
 }
 
@@ -73,6 +83,7 @@ type Tx struct {
 	delMasq []MasqElement
 	addMasq []MasqElement
 	delUp   []UpstreamRule
+	delIpt  []nft.Op // iptables-format claims taken over (RemoveIptables)
 
 	addSubnets []netip.Prefix
 }

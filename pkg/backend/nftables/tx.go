@@ -235,17 +235,17 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 
 // Empty reports whether the transaction changes nothing.
 func (tx *Tx) Empty() bool {
-	return len(tx.delNAT)+len(tx.addNAT)+len(tx.delMasq)+len(tx.addMasq)+len(tx.delUp)+len(tx.addSubnets) == 0
+	return len(tx.delNAT)+len(tx.addNAT)+len(tx.delMasq)+len(tx.addMasq)+len(tx.delUp)+len(tx.delIpt)+len(tx.addSubnets) == 0
 }
 
 // Commit applies the transaction as one netlink batch, checked against Begin's generation:
-// deletions of upstream rules, of observed elements and masquerade entries, the guards, then
+// the changes to iptables-format chains, deletions of upstream rules, of observed elements and masquerade entries, the guards, then
 // the creations (EXCL). All or nothing; errors match ErrClaimed, ErrChanged or ErrGone.
 func (tx *Tx) Commit() error {
 	if tx.Empty() {
 		return nil
 	}
-	var ops []nft.Op
+	ops := append([]nft.Op(nil), tx.delIpt...)
 	for _, u := range tx.delUp {
 		ops = append(ops, nft.DeleteRuleIn(upstreamFamily(u.Family), UpstreamTable, u.Chain, u.Handle))
 	}
