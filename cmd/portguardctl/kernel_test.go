@@ -365,10 +365,10 @@ func TestPrometheusOutput(t *testing.T) {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
 	for _, want := range []string{
-		`portguard_claims{family="ipv4"} 2`, `portguard_shadowed_claims{family="ipv4"} 1`,
-		`portguard_duplicate_claims{family="ipv4"} 1`, `portguard_audit_healthy{family="ipv4"} 0`,
-		`portguard_orphan_chains{family="ipv4"} 1`, `portguard_port_mismatches{family="ipv4"} 0`,
-		`portguard_claims{family="ipv6"} 0`, `portguard_audit_up{family="ipv4"} 1`,
+		`portguard_claims{backend="iptables",family="ipv4"} 2`, `portguard_shadowed_claims{backend="iptables",family="ipv4"} 1`,
+		`portguard_duplicate_claims{backend="iptables",family="ipv4"} 1`, `portguard_audit_healthy{backend="iptables",family="ipv4"} 0`,
+		`portguard_orphan_chains{backend="iptables",family="ipv4"} 1`, `portguard_port_mismatches{backend="iptables",family="ipv4"} 0`,
+		`portguard_claims{backend="iptables",family="ipv6"} 0`, `portguard_audit_up{backend="iptables",family="ipv4"} 1`,
 		"# TYPE portguard_claims gauge",
 	} {
 		if !strings.Contains(r.stdout, want) {
