@@ -117,8 +117,10 @@ release:
 ldflags:
 	@echo '$(LDFLAGS)'
 
+# DEMO_BACKEND: iptables, nftables or both (the stories one after the other).
+DEMO_BACKEND ?= both
 demo: deps build
-	bash test/demo/demo.sh
+	DEMO_BACKEND=$(DEMO_BACKEND) bash test/demo/demo.sh
 
 bench: deps build
 	$(GO) run ./test/bench $(BENCH_ARGS)

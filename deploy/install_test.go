@@ -423,6 +423,10 @@ func TestManifestsFleetSettings(t *testing.T) {
 		"daemonset.yaml": {"type: Directory", "maxUnavailable: 10%", "maxSurge: 0", `args: ["watch"]`,
 			`command: ["/install.sh", "verify"]`, "value: /dev/termination-log"},
 		"uninstall.yaml": {"type: Directory", `args: ["uninstall"]`, "name: PORTGUARD_CNI_CONF_DIR"},
+		// The downgrade runs in the node's network namespace, may change nf_tables, and takes
+		// the plugin's lock and records from the host.
+		"downgrade-nftables.yaml": {"hostNetwork: true", `add: ["NET_ADMIN"]`, "portguardctl export --to portmap-nftables",
+			"value: /host/run/portguard.lock", "value: /host/run/portguard"},
 	} {
 		data, err := os.ReadFile(file)
 		if err != nil {

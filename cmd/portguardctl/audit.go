@@ -11,14 +11,14 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/iptables"
-	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/metrics"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
 
-const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus [--textfile PATH]] [--family 4|6|all]
+const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus [--textfile PATH]] [--family 4|6|all] [--backend iptables|nftables|all]
 
 Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
 claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain), which one
@@ -34,9 +34,24 @@ lives in it and its interface holds the destination), then every problem with it
   missing-setmark, missing-masq, missing-masq-jump
                       chains mark packets for masquerade but the mark/masquerade is gone
 
+With the nftables backend (portguard's table inet portguard, or upstream portmap's tables
+ip/ip6 cni_hostport on the node), it also lists every claim there, in the order the kernel
+looks them up (upstream's rules first: their hook runs at -100, portguard's at -99), with
+its owner's state, and reports (backend "nftables"):
+  split-claim          a port claimed in portguard's table and in iptables CNI chains or
+                       upstream's cni_hostport rules: the earlier hook gets every packet
+  shadowed-claim       an upstream rule behind an earlier one on the same port
+  stale-upstream-rule  an upstream rule whose owner is gone
+  layout-damaged       portguard's maps or base chains differ from its layout
+  orphan-gate, orphan-masquerade, orphan-chain
+                       conditions gates, masquerade entries or conditions chains left
+                       without their claim
+  address-reused       as above
+--backend all (default) audits iptables when it works and nftables when its tables exist.
+
 Output: -o text (default; "table" is its former name, accepted for one release), -o json
 (shape in docs/audit-json.md), -o prometheus (node-exporter textfile metrics; names in
-docs/cli.md, label backend="iptables"); with --textfile PATH the metrics go to PATH,
+docs/cli.md); with --textfile PATH the metrics go to PATH,
 written atomically (a temporary file in PATH's directory renamed over it), for
 node-exporter's textfile collector.
 
@@ -50,6 +65,9 @@ Examples:
   ip netns exec node1 portguardctl audit -o prometheus
   portguardctl audit -o prometheus --textfile /var/lib/node_exporter/textfile/portguard.prom
 `
+
+// errNoIPTables: no family's iptables is usable (a node of the nftables backend may have none).
+var errNoIPTables = errors.New("neither iptables nor ip6tables is usable")
 
 // observeAll reads every selected family once. A family whose iptables is unusable is
 // reported as unavailable, unless it was asked for explicitly or none is usable.
@@ -68,30 +86,19 @@ func observeAll(r iptables.Runner, ff *familyFlag) ([]*state.State, []plan.Famil
 		states = append(states, s)
 	}
 	if len(states) == 0 {
-		return nil, nil, envError{errors.New("neither iptables nor ip6tables is usable: " + unavailable[0].Error)}
+		return nil, nil, envError{fmt.Errorf("%w: %s", errNoIPTables, unavailable[0].Error)}
 	}
 	return states, unavailable, nil
-}
-
-// auditStates audits each state and judges every claim's owner (pkg/liveness: portguard's
-// records, the libcni cache, namespaces, processes, addresses).
-func auditStates(states []*state.State, unavailable []plan.FamilyAudit) plan.AuditReport {
-	var fas []plan.FamilyAudit
-	j := liveness.New()
-	for _, s := range states {
-		fa := plan.Audit(s)
-		fa.JudgeOwners(j)
-		fas = append(fas, fa)
-	}
-	return plan.NewAuditReport(append(fas, unavailable...))
 }
 
 func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("audit", auditHelp, stdout)
 	var ff familyFlag
+	var bf backendFlag
 	output := fs.String("o", "text", "output format: "+formatList(textJSONOrPrometheus))
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
 	textfile := fs.String("textfile", "", "with -o prometheus: write the metrics to this file atomically (temporary file in its directory, then rename) instead of stdout")
+	fs.Var(&bf, "backend", "iptables, nftables or all (all: iptables when usable, nftables when its tables exist)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -107,11 +114,10 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	render := map[string]func(io.Writer, plan.AuditReport) error{
 		"text": renderTable, "json": renderJSON, "prometheus": renderPrometheus,
 	}[*output]
-	states, unavailable, err := observeAll(newRunner(10*time.Second), &ff)
+	rep, err := auditNode(newRunner(10*time.Second), &ff, &bf)
 	if err != nil {
 		return err
 	}
-	rep := auditStates(states, unavailable)
 	if *textfile != "" {
 		if err := metrics.WriteTextfile(*textfile, auditRegistry(rep)); err != nil {
 			return envError{fmt.Errorf("--textfile: %w", err)}
@@ -153,10 +159,77 @@ func dash(s string) string {
 }
 
 func renderTable(w io.Writer, rep plan.AuditReport) error {
+	var ipt, nft []plan.FamilyAudit
+	for _, fa := range rep.Families {
+		if fa.Backend == plan.BackendNFTables {
+			nft = append(nft, fa)
+		} else {
+			ipt = append(ipt, fa)
+		}
+	}
+	if len(ipt) > 0 || len(nft) == 0 {
+		if err := claimsTable(w, ipt); err != nil {
+			return err
+		}
+	}
+	if len(nft) > 0 {
+		if len(ipt) > 0 {
+			fmt.Fprintln(w)
+		}
+		fmt.Fprintf(w, "nftables (inet %s, upstream ip/ip6 %s), in the order the kernel looks claims up:\n", nftables.TableName, nftables.UpstreamTable)
+		if err := claimsTable(w, nft); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintln(w)
+	var problems int
+	for _, fa := range rep.Families {
+		problems += len(fa.Problems)
+	}
+	for _, fa := range rep.Families {
+		if !fa.Available {
+			fmt.Fprintf(w, "%s: not audited: %s\n", familyText(fa), fa.Error)
+		}
+	}
+	if problems == 0 {
+		var parts []string
+		for _, fa := range rep.Families {
+			if !fa.Available {
+				continue
+			}
+			if fa.Backend == plan.BackendNFTables {
+				parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports", familyText(fa), fa.Summary.Claims, fa.Summary.HostPorts))
+				continue
+			}
+			parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports in %d chains", fa.Family, fa.Summary.Claims, fa.Summary.HostPorts, fa.Summary.Chains))
+		}
+		fmt.Fprintf(w, "Healthy: %s.\n", strings.Join(parts, "; "))
+		return nil
+	}
+	fmt.Fprintf(w, "PROBLEMS (%d)\n", problems)
+	for _, fa := range rep.Families {
+		for _, p := range fa.Problems {
+			fmt.Fprintf(w, "%s  %s  %s\n", familyText(fa), p.Kind, p.Message)
+			fmt.Fprintf(w, "      fix: %s\n", p.Fix)
+		}
+	}
+	return nil
+}
+
+// familyText names a family audit: "ipv4" for iptables (as always), "ipv4 nftables".
+func familyText(fa plan.FamilyAudit) string {
+	if fa.Backend == plan.BackendNFTables {
+		return fa.Family.String() + " nftables"
+	}
+	return fa.Family.String()
+}
+
+// claimsTable prints every claim of the families, one row each.
+func claimsTable(w io.Writer, fas []plan.FamilyAudit) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "FAMILY\tPROTO\tHOST PORT\tRULE\tNETWORK\tCONTAINER\tDESTINATION\tCHAIN\tSTATUS\tOWNER")
 	rows := 0
-	for _, fa := range rep.Families {
+	for _, fa := range fas {
 		for _, pc := range fa.Ports {
 			for _, c := range pc.Claims {
 				host := "*"
@@ -183,33 +256,6 @@ func renderTable(w io.Writer, rep plan.AuditReport) error {
 	}
 	if rows == 0 {
 		fmt.Fprintln(w, "(no host-port claims)")
-	}
-	fmt.Fprintln(w)
-	var problems int
-	for _, fa := range rep.Families {
-		problems += len(fa.Problems)
-	}
-	for _, fa := range rep.Families {
-		if !fa.Available {
-			fmt.Fprintf(w, "%s: not audited: %s\n", fa.Family, fa.Error)
-		}
-	}
-	if problems == 0 {
-		var parts []string
-		for _, fa := range rep.Families {
-			if fa.Available {
-				parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports in %d chains", fa.Family, fa.Summary.Claims, fa.Summary.HostPorts, fa.Summary.Chains))
-			}
-		}
-		fmt.Fprintf(w, "Healthy: %s.\n", strings.Join(parts, "; "))
-		return nil
-	}
-	fmt.Fprintf(w, "PROBLEMS (%d)\n", problems)
-	for _, fa := range rep.Families {
-		for _, p := range fa.Problems {
-			fmt.Fprintf(w, "%s  %s  %s\n", fa.Family, p.Kind, p.Message)
-			fmt.Fprintf(w, "      fix: %s\n", p.Fix)
-		}
 	}
 	return nil
 }

@@ -12,7 +12,7 @@ import (
 )
 
 // subcommands lists every subcommand; rootHelp must name each one.
-var subcommands = []string{"audit", "repair", "doctor", "gc", "version"}
+var subcommands = []string{"audit", "repair", "doctor", "gc", "export", "version"}
 
 // Every subcommand's --help (and -h) prints its help on stdout with a Usage line, its flags
 // and examples, and exits 0 without doing anything else.

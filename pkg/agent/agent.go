@@ -54,9 +54,11 @@ type Source interface {
 	// Name is the backend's name (the backend label).
 	Name() string
 	// Observe reads every claim the backend holds and judges its owner with j, and
-	// returns the backend's audits (one per family) for the metrics. A backend not usable
-	// on this node returns no claim and unavailable audits (or none), not an error.
-	Observe(j *liveness.Judge) ([]Claim, []metrics.Audit, error)
+	// returns the backend's family audits (the metrics' gauges); earlier are the audits of
+	// the sources observed before it in this pass (the nftables audit reports ports split
+	// with iptables). A backend not usable on this node returns no claim and unavailable
+	// audits (or none), not an error. Only claims the backend's GC can remove are returned.
+	Observe(j *liveness.Judge, earlier []plan.FamilyAudit) ([]Claim, []plan.FamilyAudit, error)
 	// Collect removes the owners' attachments from this backend through the plugin's GC
 	// code path under the host-wide lock (engine.Collect), returning those removed.
 	Collect(owners []hostport.Owner) ([]hostport.Owner, error)
@@ -150,9 +152,9 @@ func (a *Agent) Pass(ctx context.Context, now time.Time) (Result, error) {
 		claims []Claim
 	}
 	var obs []observed
-	var audits []metrics.Audit
+	var audits []plan.FamilyAudit
 	for _, s := range a.Sources {
-		cs, as, err := s.Observe(j)
+		cs, as, err := s.Observe(j, audits)
 		audits = append(audits, as...)
 		if err != nil {
 			err = fmt.Errorf("%s: %w", s.Name(), err)
@@ -164,7 +166,7 @@ func (a *Agent) Pass(ctx context.Context, now time.Time) (Result, error) {
 		res.Claims += len(cs)
 	}
 	if a.Metrics != nil {
-		a.Metrics.Audit.Set(audits, now)
+		a.Metrics.Audit.Set(metrics.FromFamilies(audits), now)
 	}
 
 	owners := map[hostport.Owner]bool{}

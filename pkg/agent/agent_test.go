@@ -14,6 +14,7 @@ import (
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/metrics"
+	"github.com/portguard/portguard/pkg/plan"
 )
 
 // fakeSource holds claims in memory; Collect removes an owner's claims and records the call.
@@ -25,7 +26,7 @@ type fakeSource struct {
 
 func (f *fakeSource) Name() string { return metrics.BackendIPTables }
 
-func (f *fakeSource) Observe(*liveness.Judge) ([]Claim, []metrics.Audit, error) {
+func (f *fakeSource) Observe(*liveness.Judge, []plan.FamilyAudit) ([]Claim, []plan.FamilyAudit, error) {
 	if f.failRead {
 		return nil, nil, errors.New("cannot read")
 	}

@@ -4,17 +4,18 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
-
-	gnft "github.com/google/nftables"
 
 	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	nftbackend "github.com/portguard/portguard/pkg/backend/nftables"
+	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/metrics"
+	"github.com/portguard/portguard/pkg/nftaudit"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
@@ -33,8 +34,7 @@ func (s *IPTables) Name() string { return metrics.BackendIPTables }
 
 // Observe implements Source. A family whose iptables is unusable (no ip6tables, no
 // iptables at all on an nftables node) is an unavailable audit, not an error.
-func (s *IPTables) Observe(j *liveness.Judge) ([]Claim, []metrics.Audit, error) {
-	var claims []Claim
+func (s *IPTables) Observe(j *liveness.Judge, _ []plan.FamilyAudit) ([]Claim, []plan.FamilyAudit, error) {
 	var fas []plan.FamilyAudit
 	for _, f := range hostport.Families {
 		st, err := state.ObserveAll(s.Runner, f)
@@ -48,11 +48,24 @@ func (s *IPTables) Observe(j *liveness.Judge) ([]Claim, []metrics.Audit, error) 
 		fa := plan.Audit(st)
 		fa.JudgeOwners(j)
 		fas = append(fas, fa)
+	}
+	return claimsOf(s.Name(), fas, func(plan.AuditClaim) bool { return true }), fas, nil
+}
+
+// claimsOf lists the claims of family audits that keep says the backend can remove.
+func claimsOf(backend string, fas []plan.FamilyAudit, keep func(plan.AuditClaim) bool) []Claim {
+	var claims []Claim
+	for _, fa := range fas {
 		for _, pc := range fa.Ports {
 			for _, c := range pc.Claims {
-				cl := Claim{Backend: s.Name(), Owner: c.Owner(),
-					Claim: hostport.Claim{Family: f, Proto: pc.Protocol, HostPort: pc.HostPort}}
-				if c.HostIP != "" {
+				if !keep(c) {
+					continue
+				}
+				cl := Claim{Backend: backend, Owner: c.Owner(),
+					Claim: hostport.Claim{Family: fa.Family, Proto: pc.Protocol, HostPort: pc.HostPort}}
+				if hc, ok := c.Claim(); ok {
+					cl.Claim = hc
+				} else if c.HostIP != "" {
 					cl.Claim.HostIP, _ = netip.ParseAddr(c.HostIP)
 				}
 				if c.Destination != "" {
@@ -65,7 +78,7 @@ func (s *IPTables) Observe(j *liveness.Judge) ([]Claim, []metrics.Audit, error) 
 			}
 		}
 	}
-	return claims, metrics.FromReport(plan.NewAuditReport(fas)), nil
+	return claims
 }
 
 // Present lists the container IDs of network's attachments that have a jump in
@@ -103,11 +116,10 @@ func judgeOf(f func() *liveness.Judge) *liveness.Judge {
 	return f()
 }
 
-// NFTables is the nftables backend's view: the claims (map elements) of portguard's inet
-// table, read with the backend's own Dump.
-//
-// TODO(nftops): switch to the nftables audit's model once it lands on main; until then the
-// nftables gauges cover claims, host ports, owner states and address reuse only.
+// NFTables is the nftables backend's view: portguard's inet table and upstream portmap's
+// ip/ip6 cni_hostport tables, observed and audited as `portguardctl audit --backend
+// nftables` does (nftables.Observe, pkg/nftaudit). Only the elements of portguard's table are
+// the backend's to remove; upstream's rules are in the metrics (and for portguardctl repair).
 type NFTables struct {
 	LockTimeout time.Duration
 	NewJudge    func() *liveness.Judge
@@ -116,104 +128,71 @@ type NFTables struct {
 // Name implements Source.
 func (s *NFTables) Name() string { return metrics.BackendNFTables }
 
-// exists reports whether portguard's table is in this network namespace; an error means
-// nf_tables cannot be asked (no kernel support, no permission).
-func exists() (bool, error) {
-	c, err := gnft.New()
-	if err != nil {
-		return false, err
+// resolver matches hashed element comments against the owners portguard recorded and the
+// libcni cache holds (as portguardctl does).
+func resolver(j *liveness.Judge) nftaudit.Resolve {
+	var known []hostport.Owner
+	for _, r := range j.Records.All() {
+		known = append(known, r.Owner)
 	}
-	ts, err := c.ListTablesOfFamily(gnft.TableFamilyINet)
-	if err != nil {
-		return false, err
+	for _, d := range j.CacheDirs {
+		known = append(known, cnicache.Owners(d, "")...)
 	}
-	for _, t := range ts {
-		if t.Name == nftbackend.TableName {
-			return true, nil
-		}
-	}
-	return false, nil
+	return nftaudit.Resolver(known)
 }
 
-// dump reads the table's claims, with the owners of hashed comments matched against
-// portguard's records; ok is false when the table does not exist (or nf_tables cannot be
-// asked): the backend is not in use on this node.
-func (s *NFTables) dump(records []liveness.Record) (_ []nftbackend.Element, ok bool, err error) {
-	if there, err := exists(); err != nil || !there {
-		return nil, false, nil
-	}
+// Observe implements Source. nf_tables not answering, or neither portguard's nor upstream's
+// tables existing, means the backend is not in use here: no claim, no audit.
+func (s *NFTables) Observe(j *liveness.Judge, earlier []plan.FamilyAudit) ([]Claim, []plan.FamilyAudit, error) {
 	t, err := nftbackend.Open()
 	if err != nil {
-		return nil, false, err
+		return nil, nil, nil
+	}
+	defer t.Close()
+	_, obs, err := t.Observe()
+	if err != nil {
+		return nil, nil, err
+	}
+	if !nftaudit.InUse(obs) {
+		return nil, nil, nil
+	}
+	var ipt []plan.FamilyAudit
+	for _, fa := range earlier {
+		if fa.Backend == plan.BackendIPTables && fa.Available {
+			ipt = append(ipt, fa)
+		}
+	}
+	fas := nftaudit.Audit(obs, ipt, j, resolver(j))
+	own := "inet " + nftbackend.TableName + " "
+	return claimsOf(s.Name(), fas, func(c plan.AuditClaim) bool { return strings.HasPrefix(c.Chain, own) }), fas, nil
+}
+
+// dump reads the elements of portguard's table, with the owners of hashed comments resolved
+// as in Observe (an absent table reads as empty).
+func (s *NFTables) dump(j *liveness.Judge) ([]nftbackend.Element, error) {
+	t, err := nftbackend.Open()
+	if err != nil {
+		return nil, err
 	}
 	defer t.Close()
 	d, err := t.Dump()
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
+	res := resolver(j)
 	for i := range d.Claims {
-		e := &d.Claims[i]
-		if !e.Owner.IsZero() {
-			continue
-		}
-		for _, r := range records {
-			if e.OwnedBy(r.Owner) {
-				e.Owner = r.Owner
-				break
+		if e := &d.Claims[i]; e.Owner.IsZero() {
+			if o, ok := res(e.Comment); ok {
+				e.Owner = o
 			}
 		}
 	}
-	return d.Claims, true, nil
-}
-
-// Observe implements Source.
-func (s *NFTables) Observe(j *liveness.Judge) ([]Claim, []metrics.Audit, error) {
-	es, ok, err := s.dump(j.Records.All())
-	if err != nil || !ok {
-		return nil, nil, err
-	}
-	var claims []Claim
-	sum := map[hostport.Family]*plan.AuditSummary{}
-	ports := map[hostport.Family]map[string]bool{}
-	for _, f := range hostport.Families {
-		sum[f], ports[f] = &plan.AuditSummary{}, map[string]bool{}
-	}
-	for _, e := range es {
-		f := e.Claim.Family
-		c := Claim{Backend: s.Name(), Claim: e.Claim, Owner: e.Owner, Dest: e.Dest}
-		if e.Owner.IsZero() {
-			c.Evidence = liveness.Evidence{State: liveness.Unknown, Reason: "the element's comment names no owner portguard recorded"}
-		} else {
-			c.Evidence = j.Owner(e.Owner, e.Dest.Addr())
-		}
-		claims = append(claims, c)
-		su := sum[f]
-		su.Claims++
-		ports[f][fmt.Sprintf("%s/%d", e.Claim.Proto, e.Claim.HostPort)] = true
-		switch c.Evidence.State {
-		case liveness.Alive:
-			su.AliveOwners++
-		case liveness.Stale:
-			su.StaleOwners++
-		}
-		if _, _, reused := plan.ReusedBy(j, c.Owner, c.Dest.Addr(), c.Evidence); reused && !c.Owner.IsZero() {
-			su.AddressReuses++
-			su.Problems++
-		}
-	}
-	var audits []metrics.Audit
-	for _, f := range hostport.Families {
-		su := sum[f]
-		su.HostPorts = len(ports[f])
-		audits = append(audits, metrics.Audit{Backend: s.Name(), Family: f.String(), Available: true,
-			Healthy: su.Problems == 0, Summary: *su})
-	}
-	return claims, audits, nil
+	return d.Claims, nil
 }
 
 // Present lists the container IDs of network's claims in the table.
 func (s *NFTables) Present(network string) (map[string]bool, error) {
-	es, _, err := s.dump(judgeOf(s.NewJudge).Records.All())
+	es, err := s.dump(judgeOf(s.NewJudge))
 	if err != nil {
 		return nil, err
 	}

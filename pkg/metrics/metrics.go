@@ -18,10 +18,10 @@ import (
 	"github.com/portguard/portguard/pkg/plan"
 )
 
-// Backend names, the values of the backend label.
+// Backend names, the values of the backend label (plan's, which FamilyAudit.Backend holds).
 const (
-	BackendIPTables = "iptables"
-	BackendNFTables = "nftables"
+	BackendIPTables = plan.BackendIPTables
+	BackendNFTables = plan.BackendNFTables
 )
 
 // Audit is one backend's audit of one family, what the gauges are made of.
@@ -35,11 +35,20 @@ type Audit struct {
 	Summary   plan.AuditSummary
 }
 
-// FromReport lists the families of an iptables audit report.
+// FromReport lists the family audits of a report, each under its backend.
 func FromReport(rep plan.AuditReport) []Audit {
-	out := make([]Audit, 0, len(rep.Families))
-	for _, fa := range rep.Families {
-		out = append(out, Audit{Backend: BackendIPTables, Family: fa.Family.String(), Available: fa.Available,
+	return FromFamilies(rep.Families)
+}
+
+// FromFamilies lists family audits, each under its backend (iptables when unset).
+func FromFamilies(fas []plan.FamilyAudit) []Audit {
+	out := make([]Audit, 0, len(fas))
+	for _, fa := range fas {
+		b := fa.Backend
+		if b == "" {
+			b = BackendIPTables
+		}
+		out = append(out, Audit{Backend: b, Family: fa.Family.String(), Available: fa.Available,
 			Healthy: fa.Healthy(), Summary: fa.Summary})
 	}
 	return out
@@ -53,8 +62,8 @@ type gauge struct {
 // gauges are the audit's per-family gauges, named as `portguardctl audit -o prometheus`
 // has always named them (docs/cli.md).
 var gauges = []gauge{
-	{"portguard_chains", "CNI-DN chains in the nat table (iptables); 0 for nftables, which has no per-attachment chains.", func(s plan.AuditSummary) int { return s.Chains }},
-	{"portguard_claims", "Host-port claims (iptables: jump port x chain mapping in CNI-HOSTPORT-DNAT; nftables: map elements).", func(s plan.AuditSummary) int { return s.Claims }},
+	{"portguard_chains", "CNI-DN chains in the nat table.", func(s plan.AuditSummary) int { return s.Chains }},
+	{"portguard_claims", "Host-port claims (jump port x chain mapping) in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.Claims }},
 	{"portguard_host_ports", "Distinct (protocol, host port) pairs claimed.", func(s plan.AuditSummary) int { return s.HostPorts }},
 	{"portguard_shadowed_claims", "Claims shadowed by an earlier conflicting claim (problem kind shadowed-claim).", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
 	{"portguard_duplicate_claims", "Deprecated alias of portguard_shadowed_claims (same value), removed after one release.", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
@@ -64,6 +73,10 @@ var gauges = []gauge{
 	{"portguard_missing_entry_jumps", "Missing PREROUTING/OUTPUT jumps to CNI-HOSTPORT-DNAT while claims exist.", func(s plan.AuditSummary) int { return s.MissingEntryJumps }},
 	{"portguard_missing_masquerade_rules", "Missing SETMARK/MASQ rules or POSTROUTING jump while chains mark packets.", func(s plan.AuditSummary) int { return s.MissingMasquerade }},
 	{"portguard_address_reuses", "Claims whose destination address now belongs to another live attachment.", func(s plan.AuditSummary) int { return s.AddressReuses }},
+	{"portguard_split_claims", "Claims of a host port also claimed in another backend (nftables backend; problem kind split-claim).", func(s plan.AuditSummary) int { return s.SplitClaims }},
+	{"portguard_stale_upstream_rules", "Rules of upstream portmap's cni_hostport tables whose owner is stale (nftables backend).", func(s plan.AuditSummary) int { return s.StaleUpstreamRules }},
+	{"portguard_layout_problems", "Differences of portguard's nftables table from its layout.", func(s plan.AuditSummary) int { return s.LayoutProblems }},
+	{"portguard_orphan_elements", "Gate elements and masquerade entries of portguard's nftables table without their claim.", func(s plan.AuditSummary) int { return s.OrphanElements }},
 	{"portguard_alive_owner_claims", "Claims whose owner was judged alive (netns, process and address present).", func(s plan.AuditSummary) int { return s.AliveOwners }},
 	{"portguard_stale_owner_claims", "Claims whose owner was judged stale (no record, or netns, process or address gone).", func(s plan.AuditSummary) int { return s.StaleOwners }},
 	{"portguard_problems", "Problems found by the audit.", func(s plan.AuditSummary) int { return s.Problems }},
