@@ -192,9 +192,11 @@ func run(args []string, stderr io.Writer) int {
 		go pl.Run(ctx, time.Second)
 	}
 
+	// now before the ticker: its first tick then carries a time at least one interval after
+	// the first pass, so a sandbox missed by both is removed on the second pass, not the third.
+	now := time.Now()
 	tick := time.NewTicker(o.interval)
 	defer tick.Stop()
-	now := time.Now()
 	for {
 		if _, err := a.Pass(ctx, now); err == nil {
 			h.success(now)
