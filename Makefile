@@ -34,23 +34,30 @@ build:
 	mkdir -p $(BIN)
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard ./plugins/portguard
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguardctl ./cmd/portguardctl
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/portguard-agent ./cmd/portguard-agent
 
-# System packages the kernel tests and the demo use; busybox runs deploy/install.sh as the
-# image does (deploy/install_test.go); nft lists and edits the nftables backend's table in
-# its kernel tests (the backend itself talks netlink and needs no nft binary).
+# System packages the kernel tests and the demo use; busybox runs deploy/install.sh with the
+# smallest POSIX tools (deploy/install_test.go); nft lists and edits the nftables backend's table in
+# its kernel tests (the backend itself talks netlink and needs no nft binary); containerd
+# (1.6 in Debian 12) and runc run the pods of test/cri, created through CRI as kubelet does
+# (the tests start their own containerd; the package's service is not needed); nsenter and
+# unshare (util-linux) put it in the test's namespaces, setpriv runs the agent with the
+# DaemonSet's capabilities.
 apt-deps:
-	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox nft; do \
+	@missing=""; for c in iptables ip6tables iptables-restore socat conntrack ip busybox nft \
+		containerd containerd-shim-runc-v2 ctr runc nsenter unshare setpriv; do \
 		command -v $$c >/dev/null 2>&1 || missing=1; done; \
 	if [ -n "$$missing" ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			iptables iproute2 socat conntrack busybox nftables >/dev/null; \
+			iptables iproute2 socat conntrack busybox nftables containerd runc util-linux >/dev/null; \
 	fi
 
 # cnitool and the upstream plugins: bridge and host-local for the test bed, portmap for
-# comparison, bandwidth/firewall/tuning because the conflist examples chain them.
+# comparison, bandwidth/firewall/tuning because the conflist examples chain them, loopback
+# because containerd's CRI sets up every pod's lo with it (test/cri).
 go-tools:
 	@test -x $(GOBIN_DIR)/cnitool || $(GO) install github.com/containernetworking/cni/cnitool@$(CNITOOL_VERSION)
-	@for p in main/bridge ipam/host-local meta/portmap meta/bandwidth meta/firewall meta/tuning; do \
+	@for p in main/bridge main/loopback ipam/host-local meta/portmap meta/bandwidth meta/firewall meta/tuning; do \
 		test -x $(GOBIN_DIR)/$$(basename $$p) || \
 		$(GO) install github.com/containernetworking/plugins/plugins/$$p@$(PLUGINS_VERSION) || exit 1; \
 	done
@@ -97,7 +104,7 @@ release:
 	rm -rf $(DIST)
 	mkdir -p $(DIST)
 	@set -e; for p in $(RELEASE_PLATFORMS); do os=$${p%/*}; arch=$${p#*/}; \
-		for cmd in plugins/portguard cmd/portguardctl; do \
+		for cmd in plugins/portguard cmd/portguardctl cmd/portguard-agent; do \
 			out=$(DIST)/$$(basename $$cmd)-$(VERSION)-$$os-$$arch; \
 			echo "build $$out"; \
 			CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch $(GO) build -trimpath -buildvcs=false -ldflags '$(LDFLAGS)' -o $$out ./$$cmd; \
@@ -110,8 +117,10 @@ release:
 ldflags:
 	@echo '$(LDFLAGS)'
 
+# DEMO_BACKEND: iptables, nftables or both (the stories one after the other).
+DEMO_BACKEND ?= both
 demo: deps build
-	bash test/demo/demo.sh
+	DEMO_BACKEND=$(DEMO_BACKEND) bash test/demo/demo.sh
 
 # Both comparisons: portguard vs upstream portmap on iptables, then portguard's nftables
 # backend vs upstream's (BENCH_NFT_ARGS; test/bench/README.md). BENCH_NFT_ARGS=skip skips it;

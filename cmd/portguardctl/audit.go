@@ -9,13 +9,16 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/iptables"
-	"github.com/portguard/portguard/pkg/liveness"
+	"github.com/portguard/portguard/pkg/metrics"
 	"github.com/portguard/portguard/pkg/plan"
 	"github.com/portguard/portguard/pkg/state"
 )
 
-const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus] [--family 4|6|all]
+const auditHelp = `Usage: portguardctl audit [-o text|json|prometheus [--textfile PATH]] [--family 4|6|all] [--backend iptables|nftables|all]
 
 Reads each family's nat table once (iptables-save -t nat) and reports, per host port, every
 claim in CNI-HOSTPORT-DNAT order (network, container ID, pod IP:port, chain), which one
@@ -31,9 +34,26 @@ lives in it and its interface holds the destination), then every problem with it
   missing-setmark, missing-masq, missing-masq-jump
                       chains mark packets for masquerade but the mark/masquerade is gone
 
+With the nftables backend (portguard's table inet portguard, or upstream portmap's tables
+ip/ip6 cni_hostport on the node), it also lists every claim there, in the order the kernel
+looks them up (upstream's rules first: their hook runs at -100, portguard's at -99), with
+its owner's state, and reports (backend "nftables"):
+  split-claim          a port claimed in portguard's table and in iptables CNI chains or
+                       upstream's cni_hostport rules: the earlier hook gets every packet
+  shadowed-claim       an upstream rule behind an earlier one on the same port
+  stale-upstream-rule  an upstream rule whose owner is gone
+  layout-damaged       portguard's maps or base chains differ from its layout
+  orphan-gate, orphan-masquerade, orphan-chain
+                       conditions gates, masquerade entries or conditions chains left
+                       without their claim
+  address-reused       as above
+--backend all (default) audits iptables when it works and nftables when its tables exist.
+
 Output: -o text (default; "table" is its former name, accepted for one release), -o json
 (shape in docs/audit-json.md), -o prometheus (node-exporter textfile metrics; names in
-docs/cli.md).
+docs/cli.md); with --textfile PATH the metrics go to PATH,
+written atomically (a temporary file in PATH's directory renamed over it), for
+node-exporter's textfile collector.
 
 Exit status: 0 healthy, 1 problems found, 2 usage or environment error. With -o prometheus:
 0 whenever the nat tables could be read, problems or not (they are in the metrics:
@@ -43,7 +63,11 @@ Examples:
   portguardctl audit
   portguardctl audit --family 4 -o json
   ip netns exec node1 portguardctl audit -o prometheus
+  portguardctl audit -o prometheus --textfile /var/lib/node_exporter/textfile/portguard.prom
 `
+
+// errNoIPTables: no family's iptables is usable (a node of the nftables backend may have none).
+var errNoIPTables = errors.New("neither iptables nor ip6tables is usable")
 
 // observeAll reads every selected family once. A family whose iptables is unusable is
 // reported as unavailable, unless it was asked for explicitly or none is usable.
@@ -62,29 +86,19 @@ func observeAll(r iptables.Runner, ff *familyFlag) ([]*state.State, []plan.Famil
 		states = append(states, s)
 	}
 	if len(states) == 0 {
-		return nil, nil, envError{errors.New("neither iptables nor ip6tables is usable: " + unavailable[0].Error)}
+		return nil, nil, envError{fmt.Errorf("%w: %s", errNoIPTables, unavailable[0].Error)}
 	}
 	return states, unavailable, nil
-}
-
-// auditStates audits each state and judges every claim's owner (pkg/liveness: portguard's
-// records, the libcni cache, namespaces, processes, addresses).
-func auditStates(states []*state.State, unavailable []plan.FamilyAudit) plan.AuditReport {
-	var fas []plan.FamilyAudit
-	j := liveness.New()
-	for _, s := range states {
-		fa := plan.Audit(s)
-		fa.JudgeOwners(j)
-		fas = append(fas, fa)
-	}
-	return plan.NewAuditReport(append(fas, unavailable...))
 }
 
 func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("audit", auditHelp, stdout)
 	var ff familyFlag
+	var bf backendFlag
 	output := fs.String("o", "text", "output format: "+formatList(textJSONOrPrometheus))
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
+	textfile := fs.String("textfile", "", "with -o prometheus: write the metrics to this file atomically (temporary file in its directory, then rename) instead of stdout")
+	fs.Var(&bf, "backend", "iptables, nftables or all (all: iptables when usable, nftables when its tables exist)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
@@ -94,14 +108,22 @@ func cmdAudit(args []string, stdout, stderr io.Writer) error {
 	if err := checkFormat(*output, textJSONOrPrometheus); err != nil {
 		return err
 	}
+	if *textfile != "" && *output != "prometheus" {
+		return usageError{"--textfile needs -o prometheus"}
+	}
 	render := map[string]func(io.Writer, plan.AuditReport) error{
 		"text": renderTable, "json": renderJSON, "prometheus": renderPrometheus,
 	}[*output]
-	states, unavailable, err := observeAll(newRunner(10*time.Second), &ff)
+	rep, err := auditNode(newRunner(10*time.Second), &ff, &bf)
 	if err != nil {
 		return err
 	}
-	rep := auditStates(states, unavailable)
+	if *textfile != "" {
+		if err := metrics.WriteTextfile(*textfile, auditRegistry(rep)); err != nil {
+			return envError{fmt.Errorf("--textfile: %w", err)}
+		}
+		return nil
+	}
 	if err := render(stdout, rep); err != nil {
 		return envError{err}
 	}
@@ -137,10 +159,77 @@ func dash(s string) string {
 }
 
 func renderTable(w io.Writer, rep plan.AuditReport) error {
+	var ipt, nft []plan.FamilyAudit
+	for _, fa := range rep.Families {
+		if fa.Backend == plan.BackendNFTables {
+			nft = append(nft, fa)
+		} else {
+			ipt = append(ipt, fa)
+		}
+	}
+	if len(ipt) > 0 || len(nft) == 0 {
+		if err := claimsTable(w, ipt); err != nil {
+			return err
+		}
+	}
+	if len(nft) > 0 {
+		if len(ipt) > 0 {
+			fmt.Fprintln(w)
+		}
+		fmt.Fprintf(w, "nftables (inet %s, upstream ip/ip6 %s), in the order the kernel looks claims up:\n", nftables.TableName, nftables.UpstreamTable)
+		if err := claimsTable(w, nft); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintln(w)
+	var problems int
+	for _, fa := range rep.Families {
+		problems += len(fa.Problems)
+	}
+	for _, fa := range rep.Families {
+		if !fa.Available {
+			fmt.Fprintf(w, "%s: not audited: %s\n", familyText(fa), fa.Error)
+		}
+	}
+	if problems == 0 {
+		var parts []string
+		for _, fa := range rep.Families {
+			if !fa.Available {
+				continue
+			}
+			if fa.Backend == plan.BackendNFTables {
+				parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports", familyText(fa), fa.Summary.Claims, fa.Summary.HostPorts))
+				continue
+			}
+			parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports in %d chains", fa.Family, fa.Summary.Claims, fa.Summary.HostPorts, fa.Summary.Chains))
+		}
+		fmt.Fprintf(w, "Healthy: %s.\n", strings.Join(parts, "; "))
+		return nil
+	}
+	fmt.Fprintf(w, "PROBLEMS (%d)\n", problems)
+	for _, fa := range rep.Families {
+		for _, p := range fa.Problems {
+			fmt.Fprintf(w, "%s  %s  %s\n", familyText(fa), p.Kind, p.Message)
+			fmt.Fprintf(w, "      fix: %s\n", p.Fix)
+		}
+	}
+	return nil
+}
+
+// familyText names a family audit: "ipv4" for iptables (as always), "ipv4 nftables".
+func familyText(fa plan.FamilyAudit) string {
+	if fa.Backend == plan.BackendNFTables {
+		return fa.Family.String() + " nftables"
+	}
+	return fa.Family.String()
+}
+
+// claimsTable prints every claim of the families, one row each.
+func claimsTable(w io.Writer, fas []plan.FamilyAudit) error {
 	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
 	fmt.Fprintln(tw, "FAMILY\tPROTO\tHOST PORT\tRULE\tNETWORK\tCONTAINER\tDESTINATION\tCHAIN\tSTATUS\tOWNER")
 	rows := 0
-	for _, fa := range rep.Families {
+	for _, fa := range fas {
 		for _, pc := range fa.Ports {
 			for _, c := range pc.Claims {
 				host := "*"
@@ -168,89 +257,17 @@ func renderTable(w io.Writer, rep plan.AuditReport) error {
 	if rows == 0 {
 		fmt.Fprintln(w, "(no host-port claims)")
 	}
-	fmt.Fprintln(w)
-	var problems int
-	for _, fa := range rep.Families {
-		problems += len(fa.Problems)
-	}
-	for _, fa := range rep.Families {
-		if !fa.Available {
-			fmt.Fprintf(w, "%s: not audited: %s\n", fa.Family, fa.Error)
-		}
-	}
-	if problems == 0 {
-		var parts []string
-		for _, fa := range rep.Families {
-			if fa.Available {
-				parts = append(parts, fmt.Sprintf("%s: %d claims on %d host ports in %d chains", fa.Family, fa.Summary.Claims, fa.Summary.HostPorts, fa.Summary.Chains))
-			}
-		}
-		fmt.Fprintf(w, "Healthy: %s.\n", strings.Join(parts, "; "))
-		return nil
-	}
-	fmt.Fprintf(w, "PROBLEMS (%d)\n", problems)
-	for _, fa := range rep.Families {
-		for _, p := range fa.Problems {
-			fmt.Fprintf(w, "%s  %s  %s\n", fa.Family, p.Kind, p.Message)
-			fmt.Fprintf(w, "      fix: %s\n", p.Fix)
-		}
-	}
 	return nil
 }
 
-type metric struct {
-	name, help string
-	value      func(plan.AuditSummary) int
-}
-
-var metrics = []metric{
-	{"portguard_chains", "CNI-DN chains in the nat table.", func(s plan.AuditSummary) int { return s.Chains }},
-	{"portguard_claims", "Host-port claims (jump port x chain mapping) in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.Claims }},
-	{"portguard_host_ports", "Distinct (protocol, host port) pairs claimed.", func(s plan.AuditSummary) int { return s.HostPorts }},
-	{"portguard_shadowed_claims", "Claims shadowed by an earlier conflicting claim (problem kind shadowed-claim).", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
-	{"portguard_duplicate_claims", "Deprecated alias of portguard_shadowed_claims (same value), removed after one release.", func(s plan.AuditSummary) int { return s.ShadowedClaims }},
-	{"portguard_duplicate_jumps", "Jumps repeated in CNI-HOSTPORT-DNAT.", func(s plan.AuditSummary) int { return s.DuplicateJumps }},
-	{"portguard_orphan_chains", "CNI-DN chains that no jump enters.", func(s plan.AuditSummary) int { return s.OrphanChains }},
-	{"portguard_port_mismatches", "Chains whose jump ports and DNAT ports disagree.", func(s plan.AuditSummary) int { return s.PortMismatches }},
-	{"portguard_missing_entry_jumps", "Missing PREROUTING/OUTPUT jumps to CNI-HOSTPORT-DNAT while claims exist.", func(s plan.AuditSummary) int { return s.MissingEntryJumps }},
-	{"portguard_missing_masquerade_rules", "Missing SETMARK/MASQ rules or POSTROUTING jump while chains mark packets.", func(s plan.AuditSummary) int { return s.MissingMasquerade }},
-	{"portguard_address_reuses", "Claims whose destination address now belongs to another live attachment.", func(s plan.AuditSummary) int { return s.AddressReuses }},
-	{"portguard_alive_owner_claims", "Claims whose owner was judged alive (netns, process and address present).", func(s plan.AuditSummary) int { return s.AliveOwners }},
-	{"portguard_stale_owner_claims", "Claims whose owner was judged stale (no record, or netns, process or address gone).", func(s plan.AuditSummary) int { return s.StaleOwners }},
-	{"portguard_problems", "Problems found by the audit.", func(s plan.AuditSummary) int { return s.Problems }},
-}
-
-// renderPrometheus writes node-exporter textfile-collector metrics, one sample per family.
+// renderPrometheus writes the audit's metrics (pkg/metrics: the agent's collector) in the
+// Prometheus text format, one sample per family and backend.
 func renderPrometheus(w io.Writer, rep plan.AuditReport) error {
-	var b strings.Builder
-	b.WriteString("# HELP portguard_audit_up Whether the family's nat table could be read (1) or not (0).\n# TYPE portguard_audit_up gauge\n")
-	for _, fa := range rep.Families {
-		up := 0
-		if fa.Available {
-			up = 1
-		}
-		fmt.Fprintf(&b, "portguard_audit_up{family=%q} %d\n", fa.Family.String(), up)
-	}
-	b.WriteString("# HELP portguard_audit_healthy Whether the audit found no problem (1) or some (0).\n# TYPE portguard_audit_healthy gauge\n")
-	for _, fa := range rep.Families {
-		if fa.Available {
-			h := 0
-			if fa.Healthy() {
-				h = 1
-			}
-			fmt.Fprintf(&b, "portguard_audit_healthy{family=%q} %d\n", fa.Family.String(), h)
-		}
-	}
-	for _, m := range metrics {
-		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n", m.name, m.help, m.name)
-		for _, fa := range rep.Families {
-			if fa.Available {
-				fmt.Fprintf(&b, "%s{family=%q} %d\n", m.name, fa.Family.String(), m.value(fa.Summary))
-			}
-		}
-	}
-	b.WriteString("# HELP portguard_audit_timestamp_seconds When the audit ran.\n# TYPE portguard_audit_timestamp_seconds gauge\n")
-	fmt.Fprintf(&b, "portguard_audit_timestamp_seconds %d\n", time.Now().Unix())
-	_, err := io.WriteString(w, b.String())
-	return err
+	return metrics.WriteText(w, auditRegistry(rep))
+}
+
+func auditRegistry(rep plan.AuditReport) *prometheus.Registry {
+	c := metrics.NewAuditCollector()
+	c.Set(metrics.FromReport(rep), time.Now())
+	return metrics.Registry(c)
 }

@@ -12,7 +12,7 @@ import (
 )
 
 // subcommands lists every subcommand; rootHelp must name each one.
-var subcommands = []string{"audit", "repair", "doctor", "gc", "version"}
+var subcommands = []string{"audit", "repair", "doctor", "gc", "export", "version"}
 
 // Every subcommand's --help (and -h) prints its help on stdout with a Usage line, its flags
 // and examples, and exits 0 without doing anything else.
@@ -118,8 +118,8 @@ COMMIT
 	if code != 0 || errs != "" {
 		t.Fatalf("prometheus with problems: exit %d %q", code, errs)
 	}
-	for _, want := range []string{`portguard_shadowed_claims{family="ipv4"} 1`, `portguard_duplicate_claims{family="ipv4"} 1`,
-		`portguard_audit_healthy{family="ipv4"} 0`, `portguard_audit_up{family="ipv6"} 0`, "# HELP portguard_duplicate_claims Deprecated alias of portguard_shadowed_claims"} {
+	for _, want := range []string{`portguard_shadowed_claims{backend="iptables",family="ipv4"} 1`, `portguard_duplicate_claims{backend="iptables",family="ipv4"} 1`,
+		`portguard_audit_healthy{backend="iptables",family="ipv4"} 0`, `portguard_audit_up{backend="iptables",family="ipv6"} 0`, "# HELP portguard_duplicate_claims Deprecated alias of portguard_shadowed_claims"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("lacks %q:\n%s", want, out)
 		}

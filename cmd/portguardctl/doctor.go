@@ -27,7 +27,11 @@ finding what is wrong, why it breaks host ports, and the exact fix:
                 still runs but "iptables" does not show
   sysctl        net.ipv4.ip_forward; bridge-nf-call-iptables when the main plugin is bridge
                 or flannel; route_localnet where a claim accepts 127.0.0.1
-  audit         everything "portguardctl audit" reports
+  audit         everything "portguardctl audit" reports (the nftables side too)
+  net-backend   per conflist, which backend its port-mapping plugin uses (the "backend" it
+                sets, or the one picked when unset)
+  nftables      whether the kernel has every feature of portguard's nftables table, probed
+                with a batch the kernel refuses by design (nothing changes)
 
 Exit status: 0 no error found (warnings allowed), 1 errors found, 2 usage or environment error.
 
@@ -51,6 +55,7 @@ func cmdDoctor(args []string, stdout, stderr io.Writer) error {
 	dirs := filepath.SplitList(*binDir)
 	env := doctor.DefaultEnv(*confDir, dirs, newRunner(10*time.Second))
 	rep := doctor.Run(env)
+	doctor.RunNFT(env, nftDoctor, &rep)
 	if *output == "json" {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")

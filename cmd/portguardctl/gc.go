@@ -1,22 +1,26 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
 	"time"
 
 	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
+	"github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
+	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/liveness"
 )
 
 const gcHelp = `Usage: portguardctl gc --network NAME (--valid ID[/IFNAME] ... | --remove-all)
 
 Removes every attachment of network NAME whose container ID is not listed with --valid:
-its jumps in CNI-HOSTPORT-DNAT and its CNI-DN chain, for IPv4 and IPv6. This is the plugin's
+its jumps in CNI-HOSTPORT-DNAT and its CNI-DN chain, for IPv4 and IPv6, and (nftables
+backend) its elements and masquerade entries in portguard's inet table, in one batch. This is the plugin's
 own CNI GC code path (engine.GC, under the same host-wide lock), for runtimes that never call
 CNI GC (containerd does not today). Ownership comes from the jump comments
 (dnat name: "NAME" id: "ID"), so chains written by upstream portmap are collected too.
@@ -37,6 +41,8 @@ func cmdGC(args []string, stdout, stderr io.Writer) error {
 	var valids listFlag
 	fs.Var(&valids, "valid", "container ID still in use, optionally ID/IFNAME (repeatable)")
 	removeAll := fs.Bool("remove-all", false, "no attachment is valid: remove every claim of the network")
+	var bf backendFlag
+	fs.Var(&bf, "backend", "iptables, nftables or all (all: iptables when usable, nftables when portguard's table exists)")
 	timeout := fs.Duration("lock-timeout", 60*time.Second, "how long to wait for the portguard and xtables locks")
 	if err := parse(fs, args); err != nil {
 		return err
@@ -58,23 +64,68 @@ func cmdGC(args []string, stdout, stderr io.Writer) error {
 		}
 		valid[id] = true
 	}
-	e := engine.NewWith(iptbackend.New(newRunner(*timeout)), *timeout)
 	// As the plugin's GC: the owners portguard recorded are suspects too, and the records
 	// of collected owners go with their rules.
-	e.Judge = liveness.New()
+	judge := liveness.New()
 	suspects := cnicache.Owners(cnicache.Dir(), *network)
-	for _, r := range e.Judge.Records.All() {
+	for _, r := range judge.Records.All() {
 		suspects = append(suspects, r.Owner)
 	}
-	removed, err := e.GC(*network, valid, suspects)
-	for _, o := range removed {
-		fmt.Fprintf(stdout, "removed %s (chain %s)\n", o, hostport.ChainName(o))
+	type gcEngine struct {
+		e     *engine.Engine
+		where func(hostport.Owner) string
 	}
-	if err != nil {
-		return envError{err}
+	var engines []gcEngine
+	r := newRunner(*timeout)
+	if bf.iptables() && (bf.explicit() || iptablesUsable(r)) {
+		engines = append(engines, gcEngine{engine.NewWith(iptbackend.New(r), *timeout),
+			func(o hostport.Owner) string { return "chain " + hostport.ChainName(o) }})
+	}
+	if bf.nftables() && (bf.explicit() || nftTableExists()) {
+		engines = append(engines, gcEngine{engine.NewWith(nftables.New(), *timeout),
+			func(hostport.Owner) string { return "elements in inet " + nftables.TableName }})
+	}
+	if len(engines) == 0 {
+		return envError{errors.New("neither iptables nor portguard's nftables table is here: nothing to collect")}
+	}
+	var removed []hostport.Owner
+	var errs []error
+	for _, g := range engines {
+		g.e.Judge = judge
+		rm, err := g.e.GC(*network, valid, suspects)
+		for _, o := range rm {
+			fmt.Fprintf(stdout, "removed %s (%s)\n", o, g.where(o))
+		}
+		removed = append(removed, rm...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return envError{errors.Join(errs...)}
 	}
 	if len(removed) == 0 {
 		fmt.Fprintf(stdout, "nothing to collect in network %s\n", *network)
 	}
 	return nil
+}
+
+// iptablesUsable: either family's iptables answers (Probe, which waits for no lock).
+func iptablesUsable(r iptables.Runner) bool {
+	for _, f := range hostport.Families {
+		if r.Probe(f) == nil {
+			return true
+		}
+	}
+	return false
+}
+
+// nftTableExists: portguard's nftables table is in this network namespace.
+func nftTableExists() bool {
+	side, err := observeNFT()
+	if err != nil {
+		return false
+	}
+	defer side.Close()
+	return side.obs.Table
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/lock"
+	"github.com/portguard/portguard/pkg/metrics/metricstest"
 	"github.com/portguard/portguard/pkg/plan"
 )
 
@@ -364,41 +365,69 @@ func TestPrometheusOutput(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
-	for _, want := range []string{
-		`portguard_claims{family="ipv4"} 2`, `portguard_shadowed_claims{family="ipv4"} 1`,
-		`portguard_duplicate_claims{family="ipv4"} 1`, `portguard_audit_healthy{family="ipv4"} 0`,
-		`portguard_orphan_chains{family="ipv4"} 1`, `portguard_port_mismatches{family="ipv4"} 0`,
-		`portguard_claims{family="ipv6"} 0`, `portguard_audit_up{family="ipv4"} 1`,
-		"# TYPE portguard_claims gauge",
-	} {
-		if !strings.Contains(r.stdout, want) {
-			t.Errorf("prometheus output lacks %q", want)
-		}
+	fams, err := metricstest.Parse(strings.NewReader(r.stdout))
+	if err != nil {
+		t.Fatalf("exposition does not parse: %v\n%s", err, r.stdout)
 	}
-	checkExposition(t, r.stdout)
+	checkAuditMetrics(t, fams)
+
+	// --textfile: the same metrics in a file written atomically; nothing on stdout, no
+	// temporary file left behind.
+	dir := t.TempDir()
+	path := filepath.Join(dir, "portguard.prom")
+	if err := os.WriteFile(path, []byte("old\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r = ctl(t, ns, "audit", "-o", "prometheus", "--textfile", path)
+	if r.code != 0 || r.stdout != "" {
+		t.Fatalf("--textfile: exit %d stdout %q stderr %s", r.code, r.stdout, r.stderr)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fams, err = metricstest.Parse(f)
+	if err != nil {
+		t.Fatalf("textfile does not parse: %v", err)
+	}
+	checkAuditMetrics(t, fams)
+	if st, _ := os.Stat(path); st.Mode().Perm() != 0o644 {
+		t.Errorf("textfile mode %v, want 0644 (node-exporter reads it as another user)", st.Mode().Perm())
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 1 {
+		t.Errorf("textfile dir holds %d entries, want only portguard.prom", len(ents))
+	}
+	if r := ctl(t, ns, "audit", "--textfile", path); r.code != 2 {
+		t.Errorf("--textfile without -o prometheus: exit %d, want 2", r.code)
+	}
 }
 
-// checkExposition checks the text format line by line: HELP and TYPE once per metric and
-// before its samples, samples "name{labels} value".
-func checkExposition(t *testing.T, text string) {
-	typed := map[string]bool{}
-	for _, l := range strings.Split(strings.TrimSpace(text), "\n") {
-		f := strings.Fields(l)
-		switch {
-		case strings.HasPrefix(l, "# HELP "):
-		case strings.HasPrefix(l, "# TYPE "):
-			if typed[f[2]] {
-				t.Errorf("TYPE twice for %s", f[2])
-			}
-			typed[f[2]] = true
-		case len(f) == 2:
-			name, _, _ := strings.Cut(f[0], "{")
-			if !typed[name] {
-				t.Errorf("sample before TYPE: %q", l)
-			}
-		default:
-			t.Errorf("bad exposition line %q", l)
+// checkAuditMetrics checks the metrics of TestPrometheusOutput's node: a stale and a live
+// claim on one port (one shadowed), one orphan chain, IPv6 empty.
+func checkAuditMetrics(t *testing.T, fams metricstest.Families) {
+	t.Helper()
+	v4 := metricstest.L("family", "ipv4", "backend", "iptables")
+	v6 := metricstest.L("family", "ipv6", "backend", "iptables")
+	for _, w := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"portguard_claims", v4, 2}, {"portguard_shadowed_claims", v4, 1}, {"portguard_duplicate_claims", v4, 1},
+		{"portguard_audit_healthy", v4, 0}, {"portguard_orphan_chains", v4, 1}, {"portguard_port_mismatches", v4, 0},
+		{"portguard_claims", v6, 0}, {"portguard_audit_up", v4, 1},
+	} {
+		got, ok := fams.Value(w.name, w.labels)
+		if !ok || got != w.want {
+			t.Errorf("%s%v = %v (present %v), want %v", w.name, w.labels, got, ok, w.want)
 		}
+	}
+	if typ := fams.Type("portguard_claims"); typ != "GAUGE" {
+		t.Errorf("portguard_claims has type %q, want GAUGE", typ)
+	}
+	if _, ok := fams.Value("portguard_audit_timestamp_seconds", nil); !ok {
+		t.Error("no portguard_audit_timestamp_seconds")
 	}
 }
 

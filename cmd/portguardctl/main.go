@@ -49,6 +49,7 @@ Commands:
   repair   fix what audit reports, in one iptables-restore per family
   doctor   check the CNI config, plugin binaries, iptables, sysctls, then audit
   gc       remove a network's attachments whose container IDs are not valid
+  export   write the nftables backend's claims in upstream portmap's format (downgrade)
   version  print the version and the commit this binary was built from
 
 Every command works on the current network namespace (run it through
@@ -69,6 +70,7 @@ Examples:
   portguardctl repair --keep k8s-pod-network/4f1c2a...
   portguardctl doctor --conf-dir /etc/cni/net.d --bin-dir /opt/cni/bin
   portguardctl gc --network k8s-pod-network --valid 4f1c2a... --valid 9be01d...
+  portguardctl export --to portmap-nftables --dry-run
 
 Run "portguardctl <command> --help" for the command's flags.
 `
@@ -104,8 +106,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdDoctor(args[1:], stdout, stderr)
 	case "gc":
 		err = cmdGC(args[1:], stdout, stderr)
+	case "export":
+		err = cmdExport(args[1:], stdout, stderr)
 	default:
-		err = usageError{fmt.Sprintf("unknown command %q (commands: audit, repair, doctor, gc, version; see portguardctl --help)", cmd)}
+		err = usageError{fmt.Sprintf("unknown command %q (commands: audit, repair, doctor, gc, export, version; see portguardctl --help)", cmd)}
 	}
 	var code exitError
 	switch {

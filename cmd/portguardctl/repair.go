@@ -19,6 +19,7 @@ import (
 
 const repairHelp = `Usage: portguardctl repair [--dry-run] [--keep NETWORK/CONTAINERID ...] [--port PROTO/PORT]
                          [--owner NETWORK/CONTAINERID] [--log-file PATH] [--family 4|6|all]
+                         [--backend iptables|nftables|all]
 
 Fixes what "portguardctl audit" reports, with one iptables-restore --noflush per family,
 under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, default /run/portguard.lock):
@@ -36,6 +37,18 @@ under the same host-wide lock as the plugin (` + "`$PORTGUARD_LOCK_FILE`" + `, d
     chains mark packets, are restored.
 Only CNI rules are written: KUBE-* chains and your own rules are never touched.
 After the repair the nat tables are audited again; the exit status is the audit's.
+
+nftables backend (when its tables are on the node, or --backend nftables): one netlink
+batch, all or nothing, that removes only what audit reports there, never a live owner's
+claim: a contested port keeps the --keep owner's claim, else a live (or unjudgeable)
+owner's, else portguard's element, else upstream's last rule; two live claimants are left
+alone. Upstream cni_hostport rules of dead owners (and their masquerade rules) are deleted
+rule by rule; their chains and tables stay, and no other table (kube-proxy's, yours) is
+ever written. Masquerade entries, gates and conditions chains left without a claim go; a
+damaged layout is rewritten first (a batch of its own that never touches elements).
+An iptables claim that loses a split port to it is removed only when its owner is stale:
+the owner's whole iptables attachment goes, as its DEL would (iptables backend, after the
+batch). --dry-run prints the batch in nft syntax.
 
 --port PROTO/PORT and --owner NETWORK/CONTAINERID narrow the repair to the problems
 involving that host port or that owner (both given: involving both). Which claim keeps a
@@ -77,8 +90,10 @@ func parseOwnerFlag(flag, s string) (hostport.Owner, error) {
 func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	fs := newFlags("repair", repairHelp, stdout)
 	var ff familyFlag
+	var bf backendFlag
 	var keeps listFlag
-	dry := fs.Bool("dry-run", false, "print the iptables-restore payloads, change nothing")
+	dry := fs.Bool("dry-run", false, "print the iptables-restore payloads (and the nftables changes), change nothing")
+	fs.Var(&bf, "backend", "iptables, nftables or all (all: iptables when usable, nftables when its tables exist)")
 	fs.Var(&keeps, "keep", "NETWORK/CONTAINERID whose claims win contested ports (repeatable)")
 	fs.Var(&ff, "family", "address family: 4, 6 or all")
 	timeout := fs.Duration("lock-timeout", 60*time.Second, "how long to wait for the portguard and xtables locks")
@@ -131,7 +146,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 		defer l.Release()
 	}
-	states, unavailable, err := observeAll(r, &ff)
+	states, unavailable, err := observeIPT(r, &ff, &bf)
 	if err != nil {
 		return err
 	}
@@ -154,8 +169,24 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 		plans = append(plans, planned{s, res})
 	}
+	nrep, err := planNFT(&bf, iptAudits(states, judge), keep, judge, scope)
+	if err != nil {
+		return err
+	}
+	places := len(states)
+	if nrep != nil {
+		defer nrep.side.Close()
+		places++
+		ownerSeen = ownerSeen || nrep.plan.ScopeOwnerSeen
+		for _, o := range nrep.plan.UnknownKeep {
+			unknown[o]++
+		}
+	}
+	if places == 0 {
+		return envError{errors.New("neither iptables nor the nftables backend's tables are here: nothing to repair")}
+	}
 	for o, n := range unknown {
-		if n == len(states) {
+		if n == places {
 			return usageError{fmt.Sprintf("--keep %s: no claim of that owner in the audited families (see portguardctl audit)", o)}
 		}
 	}
@@ -185,6 +216,9 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 			}
 			fmt.Fprint(stdout, payload)
 		}
+		if nrep != nil {
+			nrep.dryRun(stdout)
+		}
 		return nil
 	}
 
@@ -209,16 +243,20 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintf(stdout, "%s: repaired with one %s (%d operations)\n", p.s.Family, restoreTool(p.s.Family), len(p.res.Tx.Ops))
 	}
+	if nrep != nil {
+		if err := nrep.apply(r, stdout, stderr, logw, keep, judge, scope); err != nil {
+			failed = append(failed, err)
+		}
+	}
 	if len(failed) > 0 {
 		return envError{errors.Join(failed...)}
 	}
 
 	// Audit again, still under the lock, so the verdict is about what repair left.
-	states, unavailable, err = observeAll(r, &ff)
+	rep, err := auditNode(r, &ff, &bf)
 	if err != nil {
 		return err
 	}
-	rep := auditStates(states, unavailable)
 	if rep.Healthy {
 		fmt.Fprintln(stdout, "audit after repair: healthy")
 		return nil
@@ -226,7 +264,7 @@ func cmdRepair(args []string, stdout, stderr io.Writer) error {
 	fmt.Fprintln(stdout, "audit after repair: problems left:")
 	for _, fa := range rep.Families {
 		for _, p := range fa.Problems {
-			fmt.Fprintf(stdout, "%s  %s  %s\n      fix: %s\n", fa.Family, p.Kind, p.Message, p.Fix)
+			fmt.Fprintf(stdout, "%s  %s  %s\n      fix: %s\n", familyText(fa), p.Kind, p.Message, p.Fix)
 		}
 	}
 	return exitError(exitProblems)

@@ -213,6 +213,59 @@ func (e *Engine) GC(network string, valid map[string]bool, cached []hostport.Own
 	return removed, err
 }
 
+// Collect removes the attachments of owners through the backend's GC (the same code path
+// as the CNI GC verb), under the exclusive lock, for a caller that has decided they are
+// dead (the node agent). Backend.GC removes a network's attachments whose container IDs
+// are not valid; present(network) lists, read under that lock, the container IDs the
+// backend holds claims of in network, and every one of them but the owners' is valid: an
+// attachment added since the caller decided stays. The records of the owners go with
+// their rules. It returns the owners removed; err joins every network's error.
+func (e *Engine) Collect(owners []hostport.Owner, present func(network string) (map[string]bool, error)) (_ []hostport.Owner, err error) {
+	defer func() { err = cniError(err) }()
+	if len(owners) == 0 {
+		return nil, nil
+	}
+	l, err := e.lock(lock.Exclusive)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Release()
+	defer e.Backend.Close()
+	byNet := map[string][]hostport.Owner{}
+	var nets []string
+	for _, o := range owners {
+		if byNet[o.Network] == nil {
+			nets = append(nets, o.Network)
+		}
+		byNet[o.Network] = append(byNet[o.Network], o)
+	}
+	var removed []hostport.Owner
+	var errs []error
+	for _, n := range nets {
+		valid, err := present(n)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("network %s: %w", n, err))
+			continue
+		}
+		for _, o := range byNet[n] {
+			delete(valid, o.ContainerID)
+		}
+		gone, err := e.Backend.GC(n, valid, byNet[n])
+		removed = append(removed, gone...)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("network %s: %w", n, err))
+			continue
+		}
+		for _, o := range byNet[n] {
+			e.forget(o)
+		}
+	}
+	for _, o := range removed {
+		e.forget(o)
+	}
+	return removed, errors.Join(errs...)
+}
+
 // Status reports whether the backend can work on this node (CNI code 50 when it cannot),
 // without taking any lock.
 func (e *Engine) Status() error {

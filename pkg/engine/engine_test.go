@@ -385,3 +385,37 @@ func TestXtablesLockIsTryAgainLater(t *testing.T) {
 		t.Fatalf("DEL: want CNI error 11, got %#v", err)
 	}
 }
+
+// Collect removes exactly the owners given, whatever else the network holds: every other
+// container ID that present reports under the lock is valid, including one added after the
+// caller decided (c3 here, which the caller never saw), and a network of another name is
+// untouched.
+func TestCollectRemovesOnlyTheOwnersGiven(t *testing.T) {
+	e, k := fakeEngine(t)
+	mustAdd(t, e, conf(t, "", m8080, "10.99.0.5/16"), "c1")
+	mustAdd(t, e, conf(t, "", m9090, "10.99.0.6/16"), "c2")
+	var presentCalls int
+	present := func(network string) (map[string]bool, error) {
+		presentCalls++
+		if network != "knet" {
+			t.Errorf("present(%q)", network)
+		}
+		// What the node holds now, read under the lock: c3 was added since the decision.
+		held := map[string]bool{"c1": true, "c2": true, "c3": true}
+		return held, nil
+	}
+	if err := k.Apply(v4, "*nat\n:"+hostport.ChainName(owner("c3"))+" - [0:0]\n-A CNI-HOSTPORT-DNAT -p tcp -m comment --comment \"dnat name: \\\"knet\\\" id: \\\"c3\\\"\" -m multiport --dports 7070 -j "+hostport.ChainName(owner("c3"))+"\n-A "+hostport.ChainName(owner("c3"))+" -p tcp -m tcp --dport 7070 -j DNAT --to-destination 10.99.0.7:70\nCOMMIT\n"); err != nil {
+		t.Fatal(err)
+	}
+	removed, err := e.Collect([]hostport.Owner{owner("c1")}, present)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(removed, []hostport.Owner{owner("c1")}) || presentCalls != 1 {
+		t.Fatalf("removed %v, present called %d times", removed, presentCalls)
+	}
+	claims(t, k, map[int][]string{9090: {"c2"}, 7070: {"c3"}})
+	if removed, err := e.Collect(nil, present); err != nil || len(removed) != 0 || presentCalls != 1 {
+		t.Fatalf("Collect of nobody: %v %v (present called %d times)", removed, err, presentCalls)
+	}
+}

@@ -97,20 +97,29 @@ type AuditSummary struct {
 	MissingEntryJumps int `json:"missingEntryJumps"`
 	MissingMasquerade int `json:"missingMasquerade"`
 	AddressReuses     int `json:"addressReuses"`
-	AliveOwners       int `json:"aliveOwners"` // claims whose owner was judged alive
-	StaleOwners       int `json:"staleOwners"` // claims whose owner was judged stale
-	Problems          int `json:"problems"`
+	// nftables backend only (zero for iptables): problems of kinds split-claim,
+	// stale-upstream-rule, layout-damaged, orphan-gate and orphan-masquerade.
+	SplitClaims        int `json:"splitClaims"`
+	StaleUpstreamRules int `json:"staleUpstreamRules"`
+	LayoutProblems     int `json:"layoutProblems"`
+	OrphanElements     int `json:"orphanElements"`
+	AliveOwners        int `json:"aliveOwners"` // claims whose owner was judged alive
+	StaleOwners        int `json:"staleOwners"` // claims whose owner was judged stale
+	Problems           int `json:"problems"`
 }
 
 // FamilyAudit is the audit of one family's nat table.
 type FamilyAudit struct {
-	Family       hostport.Family `json:"family"`
-	Available    bool            `json:"available"`
-	Error        string          `json:"error,omitempty"`
-	Ports        []PortClaims    `json:"ports"`
-	OrphanChains []string        `json:"orphanChains"`
-	Problems     []Problem       `json:"problems"`
-	Summary      AuditSummary    `json:"summary"`
+	Family hostport.Family `json:"family"`
+	// Backend is what was audited: BackendIPTables (the family's nat table) or
+	// BackendNFTables (portguard's inet table and upstream's cni_hostport tables).
+	Backend      string       `json:"backend"`
+	Available    bool         `json:"available"`
+	Error        string       `json:"error,omitempty"`
+	Ports        []PortClaims `json:"ports"`
+	OrphanChains []string     `json:"orphanChains"`
+	Problems     []Problem    `json:"problems"`
+	Summary      AuditSummary `json:"summary"`
 }
 
 // Healthy reports whether the family was read and shows no problem.
@@ -142,7 +151,7 @@ func NewAuditReport(fas []FamilyAudit) AuditReport {
 
 // UnavailableAudit records a family whose table could not be read.
 func UnavailableAudit(f hostport.Family, err error) FamilyAudit {
-	return FamilyAudit{Family: f, Error: err.Error(), Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
+	return FamilyAudit{Family: f, Backend: BackendIPTables, Error: err.Error(), Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
 }
 
 // analysis is what audit and repair both derive from a complete state.
@@ -390,7 +399,7 @@ func ownerText(o hostport.Owner, chain string) string {
 // The state must be complete (state.ObserveAll).
 func Audit(s *state.State) FamilyAudit {
 	an := analyze(s, nil, false, nil)
-	fa := FamilyAudit{Family: s.Family, Available: true, Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
+	fa := FamilyAudit{Family: s.Family, Backend: BackendIPTables, Available: true, Ports: []PortClaims{}, OrphanChains: []string{}, Problems: []Problem{}}
 
 	byPort := map[string]*PortClaims{}
 	var keys []string

@@ -59,28 +59,38 @@ func (fa *FamilyAudit) JudgeOwners(j Liveness) {
 			case liveness.Stale:
 				fa.Summary.StaleOwners++
 			}
-			if ev.State == liveness.Alive || !dest.IsValid() {
+			h, hev, ok := ReusedBy(j, c.owner, dest, ev)
+			if !ok {
 				continue
 			}
-			for _, h := range j.Holders(dest) {
-				if h == c.owner {
-					continue
-				}
-				hev := j.Owner(h, dest)
-				if hev.State != liveness.Alive {
-					continue
-				}
-				fa.Summary.AddressReuses++
-				fa.Problems = append(fa.Problems, Problem{Kind: KindAddressReused, Chain: c.Chain, Network: c.Network,
-					ContainerID: c.ContainerID, Protocol: pc.Protocol, HostPort: pc.HostPort,
-					Message: fmt.Sprintf("%s: the claim of %s forwards to %s, which now belongs to live attachment %s (%s): the host port reaches an unrelated pod",
-						c.m.Claim, ownerText(c.owner, c.Chain), c.Destination, h, hev.Reason),
-					Fix: fmt.Sprintf("remove the stale claim: CNI DEL of %s, or portguardctl gc --network %s with the valid container IDs", ownerText(c.owner, c.Chain), dash(c.Network))})
-				break
-			}
+			fa.Summary.AddressReuses++
+			fa.Problems = append(fa.Problems, Problem{Kind: KindAddressReused, Chain: c.Chain, Network: c.Network,
+				ContainerID: c.ContainerID, Protocol: pc.Protocol, HostPort: pc.HostPort,
+				Message: fmt.Sprintf("%s: the claim of %s forwards to %s, which now belongs to live attachment %s (%s): the host port reaches an unrelated pod",
+					c.m.Claim, ownerText(c.owner, c.Chain), c.Destination, h, hev.Reason),
+				Fix: fmt.Sprintf("remove the stale claim: CNI DEL of %s, or portguardctl gc --network %s with the valid container IDs", ownerText(c.owner, c.Chain), dash(c.Network))})
 		}
 	}
 	fa.Summary.Problems = len(fa.Problems)
+}
+
+// ReusedBy decides address reuse for one claim: o, judged ev, forwards to dest, and dest
+// now belongs to another attachment that is alive (the holder and its evidence are
+// returned). An owner judged alive, or a claim without a destination, is never reused.
+// The audit (JudgeOwners) and the node agent both decide through it.
+func ReusedBy(j Liveness, o hostport.Owner, dest netip.Addr, ev liveness.Evidence) (hostport.Owner, liveness.Evidence, bool) {
+	if ev.State == liveness.Alive || !dest.IsValid() {
+		return hostport.Owner{}, liveness.Evidence{}, false
+	}
+	for _, h := range j.Holders(dest) {
+		if h == o {
+			continue
+		}
+		if hev := j.Owner(h, dest); hev.State == liveness.Alive {
+			return h, hev, true
+		}
+	}
+	return hostport.Owner{}, liveness.Evidence{}, false
 }
 
 func dash(s string) string {

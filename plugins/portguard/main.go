@@ -5,12 +5,10 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"log"
+	"log/slog"
 	"net/netip"
-	"os"
 	"os/exec"
 	"time"
 
@@ -25,6 +23,7 @@ import (
 	"github.com/portguard/portguard/pkg/config"
 	"github.com/portguard/portguard/pkg/conntrack"
 	"github.com/portguard/portguard/pkg/engine"
+	"github.com/portguard/portguard/pkg/eventlog"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/localnet"
@@ -107,6 +106,13 @@ func cmdAdd(args *skel.CmdArgs) error {
 	e.Judge = liveness.New(c.CNICacheDir)
 	e.Sandbox = liveness.Record{Netns: args.Netns, IfName: args.IfName}
 	if _, err := e.Add(c, owner); err != nil {
+		var ce *types.Error
+		if errors.As(err, &ce) && ce.Code == engine.ErrHostPortInUse {
+			// A refusal is an event an operator counts (the agent's
+			// portguard_plugin_events_total{event="refused"}), not only the runtime's error.
+			eventlog.ToStderrAndFile(c.LogFile, slog.LevelWarn, "refused", slog.Any("owner", owner),
+				slog.String("policy", c.Policy), slog.String("error", ce.Msg))
+		}
 		return err
 	}
 	if ip, ok := c.PodIPs[hostport.V4]; ok && c.SNAT {
@@ -117,7 +123,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 	// Flush UDP flows after the rules are in, so new datagrams take the new path.
 	for f := range c.PodIPs {
 		if err := conntrack.FlushUDP(f, udpPorts(c, f), netip.Addr{}); err != nil {
-			log.Printf("portguard: %v", err)
+			eventlog.ToStderrAndFile("", slog.LevelWarn, "conntrack", slog.String("error", err.Error()))
 		}
 	}
 	return types.PrintResult(c.PrevResult, c.CNIVersion)
@@ -147,7 +153,7 @@ func cmdDel(args *skel.CmdArgs) error {
 			continue
 		}
 		if err := conntrack.FlushUDP(f, udpPorts(c, f), ip.Addr()); err != nil {
-			log.Printf("portguard: %v", err)
+			eventlog.ToStderrAndFile("", slog.LevelWarn, "conntrack", slog.String("error", err.Error()))
 		}
 	}
 	return nil
@@ -203,7 +209,7 @@ func cmdGC(args *skel.CmdArgs) error {
 	removed, err := e.GC(c.Network, valid, cached)
 	for _, o := range removed {
 		ev := e.Judge.Owner(o, netip.Addr{})
-		logEvent(c.LogFile, map[string]any{"event": "gc", "removed": o, "evidence": ev})
+		eventlog.ToStderrAndFile(c.LogFile, slog.LevelInfo, "gc", slog.Any("removed", o), slog.Any("evidence", ev))
 	}
 	var ce *types.Error
 	if err != nil && !errors.As(err, &ce) {
@@ -242,27 +248,6 @@ func udpPorts(c *config.Config, f hostport.Family) []int {
 
 func takeoverLogger(file string) func(backend.Takeover) {
 	return func(t backend.Takeover) {
-		logEvent(file, map[string]any{"event": "takeover", "takeover": t})
+		eventlog.ToStderrAndFile(file, slog.LevelInfo, "takeover", slog.Any("takeover", t))
 	}
-}
-
-// logEvent writes one JSON line to stderr and, when configured, appends it to the log file.
-func logEvent(file string, ev map[string]any) {
-	ev["time"] = time.Now().UTC().Format(time.RFC3339Nano)
-	b, err := json.Marshal(ev)
-	if err != nil {
-		return
-	}
-	b = append(b, '\n')
-	os.Stderr.Write(b)
-	if file == "" {
-		return
-	}
-	f, err := os.OpenFile(file, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "portguard: logFile: %v\n", err)
-		return
-	}
-	defer f.Close()
-	f.Write(b)
 }

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # portguard demo: the stale host-port problem with upstream portmap, the same story with
-# portguard, and the repair of a node that upstream portmap left polluted.
+# portguard, and the repair of a node that upstream portmap left polluted; told on the
+# iptables backend and on the nftables backend ("backend": "nftables", upstream's and
+# portguard's). DEMO_BACKEND=iptables|nftables|both picks the stories (default both, one
+# after the other).
 #
 # Run as root via `make demo` (which installs the deps and builds bin/portguard first).
 # Everything happens in throwaway network namespaces named pgd-<run>-*: the root namespace's
-# iptables are never touched and traffic only goes to addresses inside those namespaces.
+# iptables and nftables are never touched and traffic only goes to addresses inside those
+# namespaces.
 # Everything the demo creates is removed on exit, also on error or Ctrl-C.
 #
 # Exit status: 0 when every portguard step behaved as promised, 1 when one did not,
@@ -18,6 +22,8 @@ PGBIN=${PORTGUARD_BIN_DIR:-$REPO/bin}
 NET=pgd-demo                 # CNI network name (appears in the chain comments)
 HOSTPORT=8080
 TIMEOUT=2                    # seconds for every connection attempt
+# Which backend's story to tell: iptables, nftables or both (one after the other).
+DEMO_BACKEND=${DEMO_BACKEND:-both}
 
 RUNID=$$
 RUN=$(mktemp -d /tmp/pgd-demo.XXXXXX)
@@ -60,7 +66,10 @@ trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- preflight
 [ "$(id -u)" = 0 ] || die "run as root (make demo)"
-for c in ip iptables socat timeout sha512sum; do
+case "$DEMO_BACKEND" in iptables|nftables|both) ;; *) die "DEMO_BACKEND=$DEMO_BACKEND: want iptables, nftables or both" ;; esac
+tools="ip iptables socat timeout sha512sum"
+[ "$DEMO_BACKEND" = iptables ] || tools="$tools nft"
+for c in $tools; do
 	command -v "$c" >/dev/null || die "$c not found (make deps installs it)"
 done
 for b in cnitool bridge host-local portmap; do
@@ -187,6 +196,7 @@ show_err() { [ -s "$1" ] && indent <"$1"; }
 printf '%sportguard demo%s — run %s, scratch dir %s\n' "$B" "$N" "$RUNID" "$RUN"
 say "upstream: $GOBIN/{cnitool,bridge,host-local,portmap}   portguard: $PGBIN/portguard"
 
+story_iptables() {
 # ================================================================= part 1: upstream
 part "Part 1 — upstream portmap v1.10.0: a pod dies without CNI DEL"
 make_node 1 portmap ""
@@ -302,6 +312,151 @@ step "Who answers on the host port?"
 client_expect 1 pod-c
 if cni 1 dropin check podC; then ok "portguard CHECK of pod C passes"
 else fail "portguard CHECK of pod C failed"; show_err "$RUN/podC.check.err"; fi
+}
+
+# ---------------------------------------------------------------- nftables helpers
+# nftn NODEIDX ARGS...: nft in the node namespace
+nftn() { local i=$1; shift; ip netns exec "pgd-$RUNID-node$i" nft "$@"; }
+# upstream's nftables backend: one rule per mapping in chain hostports of table ip cni_hostport
+show_up_nft() { nftn "$1" list chain ip cni_hostport hostports 2>&1 | indent; }
+up_claims()   { nftn "$1" list chain ip cni_hostport hostports 2>/dev/null | grep -c "dport $HOSTPORT "; }
+# portguard's: one element per claim in map any4 of table inet portguard, commented with its owner
+show_pg_nft() { nftn "$1" list map inet portguard any4 2>&1 | indent; }
+pg_claims()   { nftn "$1" list map inet portguard any4 2>/dev/null | grep -c "\. $HOSTPORT comment"; }
+pg_claim_of() { nftn "$1" list map inet portguard any4 2>/dev/null | grep -c "\. $HOSTPORT comment \"$NET/$2\""; }
+
+story_nftables() {
+# ================================================================= part 1n: upstream, nftables
+part "Part 1 — upstream portmap v1.10.0 with \"backend\": \"nftables\": a pod dies without CNI DEL"
+make_node 3 portmap ",
+      \"backend\": \"nftables\""
+step "Node netns pgd-$RUNID-node3 (192.0.2.1, pods on 10.88.0.0/24), conflist bridge + host-local + portmap with \"backend\": \"nftables\";"
+say "client netns pgd-$RUNID-client3 (192.0.2.2)."
+
+start_pod 3 upstream podA3 pod-a || { show_err "$RUN/podA3.add.err"; die "upstream ADD of pod A failed"; }
+A3_IP=$POD_IP
+step "Pod A ($A3_IP, container $POD_CID) added with hostPort $HOSTPORT -> 80."
+got=$(fetch "pgd-$RUNID-client3" 192.0.2.1 "$HOSTPORT")
+[ "$got" = pod-a ] && ok "client -> 192.0.2.1:$HOSTPORT answers \"$got\"" ||
+	bug "client -> 192.0.2.1:$HOSTPORT: \"${got:-no answer}\" (expected pod-a; the test bed may be broken)"
+
+step "Pod A dies without a CNI DEL."
+kill_pod podA3
+
+start_pod 3 upstream podB3 pod-b || { show_err "$RUN/podB3.add.err"; die "upstream ADD of pod B failed"; }
+B3_IP=$POD_IP
+step "Pod B ($B3_IP, container $POD_CID) added on the same hostPort $HOSTPORT."
+
+step "nft list chain ip cni_hostport hostports on the node:"
+show_up_nft 3
+n=$(up_claims 3)
+[ "$n" -ge 2 ] && bug "$n rules claim tcp/$HOSTPORT; the first (pod A's, the dead one) wins" ||
+	say "(upstream left $n rule(s) for tcp/$HOSTPORT; the bug did not reproduce here)"
+
+step "Who answers on the host port?"
+got=$(fetch "pgd-$RUNID-client3" 192.0.2.1 "$HOSTPORT")
+if [ "$got" = pod-b ]; then say "client -> 192.0.2.1:$HOSTPORT answers \"pod-b\" (the bug did not reproduce)"
+else bug "client -> 192.0.2.1:$HOSTPORT: ${got:+\"$got\"}${got:-no answer within ${TIMEOUT}s} — the packet is sent to dead pod A ($A3_IP)"; fi
+got=$(fetch "pgd-$RUNID-node3" "$B3_IP" 80)
+say "yet pod B is up: node -> $B3_IP:80 answers \"${got:-nothing}\""
+if cni 3 upstream check podB3; then say "and upstream CHECK of pod B passes: every tool says the pod is fine."
+else say "upstream CHECK of pod B failed: $(head -c 200 "$RUN/podB3.check.err")"; fi
+
+# ================================================================= part 2n: portguard, nftables
+part "Part 2 — the same story with portguard, \"backend\": \"nftables\" (conflictPolicy: takeover)"
+make_node 4 portguard ",
+      \"backend\": \"nftables\",
+      \"conflictPolicy\": \"takeover\",
+      \"logFile\": \"$RUN/portguard-nft.log\""
+step "Fresh node netns pgd-$RUNID-node4 and client pgd-$RUNID-client4, same conflist with \"type\": \"portguard\", \"backend\": \"nftables\"."
+
+if start_pod 4 portguard podA4 pod-a; then
+	A4_IP=$POD_IP A4_CID=$POD_CID
+	step "Pod A ($A4_IP, container $POD_CID) added with hostPort $HOSTPORT -> 80."
+	client_expect 4 pod-a
+else
+	step "Pod A added with hostPort $HOSTPORT -> 80."
+	fail "portguard ADD of pod A failed"; show_err "$RUN/podA4.add.err"
+fi
+
+step "Pod A dies without a CNI DEL."
+kill_pod podA4
+
+if start_pod 4 portguard podB4 pod-b; then
+	B4_IP=$POD_IP B4_CID=$POD_CID
+	step "Pod B ($B4_IP, container $POD_CID) added on hostPort $HOSTPORT; portguard takes over A's stale claim in the same batch (logFile):"
+	if [ -s "$RUN/portguard-nft.log" ]; then indent <"$RUN/portguard-nft.log"
+	else fail "no takeover line in logFile $RUN/portguard-nft.log"; fi
+else
+	step "Pod B added on hostPort $HOSTPORT."
+	fail "portguard ADD of pod B failed"; show_err "$RUN/podB4.add.err"
+fi
+
+step "nft list map inet portguard any4 on the node (a claim is one element; the kernel keeps keys unique):"
+show_pg_nft 4
+n=$(pg_claims 4); m=$(pg_claim_of 4 "${B4_CID:-none}")
+if [ "$n" = 1 ] && [ "$m" = 1 ]; then ok "one element claims tcp/$HOSTPORT: pod B's"
+else fail "expected 1 element for tcp/$HOSTPORT, pod B's; found $n, $m of them pod B's"; fi
+
+step "Who answers on the host port?"
+client_expect 4 pod-b
+if cni 4 portguard check podB4; then ok "portguard CHECK of pod B passes"
+else fail "portguard CHECK of pod B failed"; show_err "$RUN/podB4.check.err"; fi
+
+# ================================================================= part 3n: repair, nftables
+part "Part 3 — repair: portguard (\"backend\": \"nftables\") on the node upstream's nftables backend left polluted (node 3)"
+step "Swap the binary: portguard installed as \"portmap\"; conflist unchanged (\"backend\": \"nftables\")."
+if cni 3 dropin check podB3; then
+	fail "portguard CHECK of pod B passed, but pod A's stale upstream rule shadows it"
+else
+	ok "portguard CHECK of pod B fails and says why:"
+	head -c 600 "$RUN/podB3.check.err" | indent
+fi
+
+step "The operator deletes pod B (CNI DEL, now through portguard): B's upstream rule goes, A's stale one stays."
+if cni 3 dropin del podB3; then
+	kill_pod podB3
+	n=$(up_claims 3)
+	[ "$n" = 1 ] && ok "DEL of the upstream-made attachment worked; 1 upstream rule left for tcp/$HOSTPORT (A's)" ||
+		fail "after DEL of pod B expected 1 upstream rule (A's), found $n"
+else
+	fail "portguard DEL of pod B failed"; show_err "$RUN/podB3.del.err"
+	kill_pod podB3
+fi
+
+if start_pod 3 dropin podC3 pod-c; then
+	C3_CID=$POD_CID
+	step "Pod C ($POD_IP, container $POD_CID) added on hostPort $HOSTPORT through portguard; it takes over A's upstream rule in the same batch (stderr):"
+	if grep -q . "$RUN/podC3.add.err"; then head -c 1200 "$RUN/podC3.add.err" | indent
+	else fail "portguard reported no takeover on stderr"; fi
+else
+	step "Pod C added on hostPort $HOSTPORT through portguard."
+	fail "portguard ADD of pod C failed"; show_err "$RUN/podC3.add.err"
+fi
+
+step "nft list chain ip cni_hostport hostports and nft list map inet portguard any4 on the node:"
+show_up_nft 3
+show_pg_nft 3
+n=$(up_claims 3); m=$(pg_claim_of 3 "${C3_CID:-none}")
+if [ "$n" = 0 ] && [ "$m" = 1 ]; then ok "no upstream rule left for tcp/$HOSTPORT; one element, pod C's"
+else fail "expected no upstream rule and pod C's element, found $n upstream rule(s) and $m element(s) of pod C"; fi
+
+step "Who answers on the host port?"
+client_expect 3 pod-c
+if cni 3 dropin check podC3; then ok "portguard CHECK of pod C passes"
+else fail "portguard CHECK of pod C failed"; show_err "$RUN/podC3.check.err"; fi
+}
+
+# ================================================================= run
+case "$DEMO_BACKEND" in
+iptables) story_iptables ;;
+nftables) story_nftables ;;
+both)
+	printf '\n%s######## iptables backend ########%s\n' "$B" "$N"
+	story_iptables
+	printf '\n%s######## nftables backend ########%s\n' "$B" "$N"
+	story_nftables ;;
+esac
 
 # ================================================================= verdict
 echo

@@ -28,6 +28,70 @@ func bothPlugins(t *testing.T, scenario func(t *testing.T, plugin string)) {
 	}
 }
 
+// flavour is a port-mapping plugin with one of its backends.
+type flavour struct {
+	plugin  string // "portguard" or "portmap" (upstream v1.10.0)
+	backend string // "" (iptables, the default on this machine) or "nftables"
+}
+
+func (f flavour) String() string {
+	if f.backend == "" {
+		return f.plugin
+	}
+	return f.plugin + "-" + f.backend
+}
+
+// nft: the flavour writes nftables (portguard's inet table, upstream's ip/ip6 cni_hostport).
+func (f flavour) nft() bool { return f.backend == "nftables" }
+
+// net is the flavour's network with extra plugin keys.
+func (f flavour) net(b *tb.Bed, conf map[string]any) *tb.Network {
+	pc := map[string]any{}
+	for k, v := range conf {
+		pc[k] = v
+	}
+	if f.backend != "" {
+		pc["backend"] = f.backend
+	}
+	return b.Network(tb.NetConfig{PortPlugin: f.plugin, PortConf: pc})
+}
+
+// everyBackend runs scenario as a parallel subtest for portguard and upstream portmap, each
+// on the iptables and on the nftables backend: the keys whose meaning is the same on both
+// backends are checked on all four, each against the plugin it replaces.
+func everyBackend(t *testing.T, scenario func(t *testing.T, fl flavour)) {
+	for _, backend := range []string{"", "nftables"} {
+		for _, plugin := range []string{"portguard", "portmap"} {
+			fl := flavour{plugin, backend}
+			t.Run(fl.String(), func(t *testing.T) {
+				t.Parallel()
+				scenario(t, fl)
+			})
+		}
+	}
+}
+
+// expectNoIPTables asserts that a flavour on the nftables backend wrote no CNI chain into
+// iptables (portguard: nothing of its own outside its table).
+func expectNoIPTables(t *testing.T, b *tb.Bed) {
+	t.Helper()
+	for _, f := range families {
+		if d := b.NAT(f).DNChains(); len(d) != 0 {
+			t.Errorf("%s: iptables CNI-DN chains %v on the nftables backend", f, d)
+		}
+	}
+}
+
+// nftSetElems is the element part of `nft list set inet portguard <set>` ("" when empty).
+func nftSetElems(t *testing.T, b *tb.Bed, set string) string {
+	t.Helper()
+	out := b.MustExec(b.Node, "nft", "list", "set", "inet", "portguard", set)
+	if _, elems, ok := strings.Cut(out, "elements = "); ok {
+		return elems
+	}
+	return ""
+}
+
 // gateway is the bridge's address in a pod subnet (host-local's first address): the
 // source masqueraded hairpin and localhost traffic reaches the pod from.
 func gateway(n *tb.Network, f tb.Family) net.IP {
@@ -92,14 +156,19 @@ func ruleCounter(t *testing.T, b *tb.Bed, f tb.Family, chain, part string) int {
 // bridge's address. With snat: false the hairpin and 127.0.0.1 go unanswered (the pod
 // would answer itself, bypassing the DNAT; 127.0.0.1 cannot leave the node) and a
 // neighbour is not masqueraded, as with upstream.
+//
+// Each on both backends: portguard's nftables backend does exactly what its iptables
+// backend does. Upstream's nftables backend differs in one case, asserted as it is: with
+// snat it masquerades only a pod reaching itself (its rule is `ip saddr == ip daddr`), so a
+// neighbour pod reaches A from its own address, as without snat.
 func TestSNATKey(t *testing.T) {
 	t.Parallel()
 	for _, snat := range []bool{true, false} {
 		t.Run(fmt.Sprintf("snat=%v", snat), func(t *testing.T) {
 			t.Parallel()
-			bothPlugins(t, func(t *testing.T, plugin string) {
+			everyBackend(t, func(t *testing.T, fl flavour) {
 				b := tb.New(t)
-				n := b.Network(tb.NetConfig{PortPlugin: plugin, PortConf: map[string]any{"snat": snat}})
+				n := fl.net(b, map[string]any{"snat": snat})
 				a, nb := b.NewPod("A"), b.NewPod("B")
 				n.MustAdd(a, tb.TCP(8080, 80))
 				n.MustAdd(nb)
@@ -109,7 +178,13 @@ func TestSNATKey(t *testing.T) {
 					expectPeer(t, b.Client, node, 8080, "A", clientIP(b, f))
 					if snat {
 						expectPeer(t, a.NetNS, node, 8080, "A", gateway(n, f))
-						expectPeer(t, nb.NetNS, node, 8080, "A", gateway(n, f))
+						if fl != (flavour{"portmap", "nftables"}) {
+							expectPeer(t, nb.NetNS, node, 8080, "A", gateway(n, f))
+						} else if ans, err := tb.ConnectTCP(nb.NetNS, node, 8080); err == nil {
+							if _, peer := tb.PeerOf(ans); !peer.Equal(nb.IP(f)) {
+								t.Errorf("%s: upstream nftables: neighbour pod reached A as %s, want its own address %s (upstream masquerades hairpin only)", f, peer, nb.IP(f))
+							}
+						}
 					} else {
 						expectNoAnswer(t, "tcp", a.NetNS, node, 8080)
 						// A neighbour's answer comes back across the bridge: whether the node
@@ -126,11 +201,23 @@ func TestSNATKey(t *testing.T) {
 					expectPeer(t, b.Node, "127.0.0.1", 8080, "A", gateway(n, tb.V4))
 				} else {
 					expectNoAnswer(t, "tcp", b.Node, "127.0.0.1", 8080)
-					for _, f := range families {
-						if st := b.NAT(f); st.HasChain("CNI-HOSTPORT-MASQ") || st.HasChain("CNI-HOSTPORT-SETMARK") {
-							t.Errorf("%s: snat false created the masquerade chains: %v", f, st.Chains)
+					switch {
+					case !fl.nft():
+						for _, f := range families {
+							if st := b.NAT(f); st.HasChain("CNI-HOSTPORT-MASQ") || st.HasChain("CNI-HOSTPORT-SETMARK") {
+								t.Errorf("%s: snat false created the masquerade chains: %v", f, st.Chains)
+							}
+						}
+					case fl.plugin == "portguard":
+						for _, set := range []string{"snat4", "snat6", "masqall4", "masqall6"} {
+							if e := nftSetElems(t, b, set); e != "" {
+								t.Errorf("snat false: masquerade entries in %s: %s", set, e)
+							}
 						}
 					}
+				}
+				if fl.nft() && fl.plugin == "portguard" {
+					expectNoIPTables(t, b)
 				}
 				if err := n.Check(a); err != nil {
 					t.Errorf("CHECK: %v", err)
@@ -144,9 +231,9 @@ func TestSNATKey(t *testing.T) {
 // the bridge's address even for a client from outside (without it, the client's own).
 func TestMasqAllKey(t *testing.T) {
 	t.Parallel()
-	bothPlugins(t, func(t *testing.T, plugin string) {
+	everyBackend(t, func(t *testing.T, fl flavour) {
 		b := tb.New(t)
-		all := b.Network(tb.NetConfig{PortPlugin: plugin, PortConf: map[string]any{"masqAll": true}})
+		all := fl.net(b, map[string]any{"masqAll": true})
 		a := b.NewPod("A")
 		all.MustAdd(a, tb.TCP(8080, 80))
 		a.ServePeer(80)
@@ -250,9 +337,9 @@ func TestHostIPKey(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()
-			bothPlugins(t, func(t *testing.T, plugin string) {
+			everyBackend(t, func(t *testing.T, fl flavour) {
 				b := tb.New(t)
-				n := b.Network(tb.NetConfig{PortPlugin: plugin})
+				n := fl.net(b, nil)
 				a := b.NewPod("A")
 				n.MustAdd(a, tb.TCP(8080, 80).On(c.hostIP(b)), tb.UDP(8080, 80).On(c.hostIP(b)))
 				a.Serve(80)
@@ -362,6 +449,36 @@ func TestConditionAddressLists(t *testing.T) {
 		if plugin == "portguard" {
 			n.MustDel(a)
 			expectClean(t, b)
+		}
+	})
+}
+
+// TestTransitNotRedirected: traffic through the node to an address that is not the node's
+// own (here a connection from the client, routed via the node, to pod B's address on the
+// port A claims on the host) reaches its destination untouched, in both families and both
+// protocols (plugins#1209: a DNAT without `fib daddr type local` / `--dst-type LOCAL` would
+// hijack it, e.g. every DNS query through the node for a pod claiming UDP 53). The host port
+// itself still reaches A.
+func TestTransitNotRedirected(t *testing.T) {
+	t.Parallel()
+	everyBackend(t, func(t *testing.T, fl flavour) {
+		b := tb.New(t)
+		n := fl.net(b, nil)
+		a, nb := b.NewPod("A"), b.NewPod("B")
+		n.MustAdd(a, tb.TCP(8080, 80), tb.UDP(8080, 80))
+		n.MustAdd(nb)
+		a.Serve(80)
+		nb.Serve(80, 8080)
+		b.MustExec(b.Client, "ip", "route", "add", n.Subnet4.String(), "via", b.NodeIP4.String())
+		b.MustExec(b.Client, "ip", "-6", "route", "add", n.Subnet6.String(), "via", b.NodeIP6.String())
+		for _, f := range families {
+			for _, proto := range protos() {
+				expectAnswer(t, proto, b.Client, nb.IP(f).String(), 8080, "B")
+				expectAnswer(t, proto, b.Client, b.NodeIP(f).String(), 8080, "A")
+			}
+		}
+		if err := n.Check(a); err != nil {
+			t.Errorf("CHECK: %v", err)
 		}
 	})
 }

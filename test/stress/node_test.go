@@ -369,6 +369,7 @@ type attachment struct {
 	IP6     string
 	Maps    []mapping
 	Policy  string // conflictPolicy ("" for the default, takeover)
+	Backend string // "backend" ("" for the default: iptables where its binaries are)
 }
 
 func (a *attachment) owner() hostport.Owner {
@@ -428,6 +429,9 @@ func (a *attachment) netConf(lockTimeout int, keep map[string]bool) []byte {
 	if a.Policy != "" {
 		conf["conflictPolicy"] = a.Policy
 	}
+	if a.Backend != "" {
+		conf["backend"] = a.Backend
+	}
 	b, err := json.Marshal(conf)
 	if err != nil {
 		panic(err)
@@ -437,6 +441,11 @@ func (a *attachment) netConf(lockTimeout int, keep map[string]bool) []byte {
 
 // gcConf is a GC call's configuration with a valid-attachments list.
 func gcConf(network string, valid []string, lockTimeout int) []byte {
+	return gcConfFor("", network, valid, lockTimeout)
+}
+
+// gcConfFor is gcConf for a backend ("" for the default).
+func gcConfFor(backend, network string, valid []string, lockTimeout int) []byte {
 	list := []any{}
 	for _, id := range valid {
 		list = append(list, map[string]any{"containerID": id, "ifname": "eth0"})
@@ -449,6 +458,9 @@ func gcConf(network string, valid []string, lockTimeout int) []byte {
 	}
 	if lockTimeout > 0 {
 		conf["lockTimeout"] = lockTimeout
+	}
+	if backend != "" {
+		conf["backend"] = backend
 	}
 	b, _ := json.Marshal(conf)
 	return b

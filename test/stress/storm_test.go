@@ -17,6 +17,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/hostport"
 )
 
@@ -94,14 +95,18 @@ func waitListening(pid, port int) error {
 
 // dialNode connects from the node namespace to the node's own address on port and returns
 // what the answering pod said. Only the storm node's bridge address is ever dialled.
-func (n *node) dialNode(port int) (string, error) {
+func (n *node) dialNode(port int) (string, error) { return n.dialAddr(stormNodeIP, port) }
+
+// dialAddr connects from the node namespace to one of the node's own addresses (ip) on
+// port and returns what the answering pod said.
+func (n *node) dialAddr(ip string, port int) (string, error) {
 	h, err := ns.GetNS("/var/run/netns/" + n.ns)
 	if err != nil {
 		return "", err
 	}
 	defer h.Close()
 	var conn net.Conn
-	addr := net.JoinHostPort(stormNodeIP, strconv.Itoa(port))
+	addr := net.JoinHostPort(ip, strconv.Itoa(port))
 	err = h.Do(func(ns.NetNS) error {
 		var err error
 		conn, err = net.DialTimeout("tcp", addr, stormDialWait)
@@ -128,13 +133,33 @@ func (n *node) dialNode(port int) (string, error) {
 // holder.
 func TestStorm(t *testing.T) {
 	require(t, "socat")
+	runStorm(t, iptablesKernel)
+}
+
+// TestStormNFTables is TestStorm on the nftables backend: the same storm and model, and
+// beyond it the guard maps agree with the claims in both families (one guard per claimed
+// port, none for a free one), each holder has its masquerade entry and nothing of a
+// DELeted attachment stays, and a foreign nftables table is byte-identical too.
+func TestStormNFTables(t *testing.T) {
+	require(t, "socat", "nft")
+	runStorm(t, nftablesKernel)
+}
+
+func runStorm(t *testing.T, k kernel) {
 	start := time.Now()
 	n := newNode(t, false)
 	n.setupBridge()
 	n.loadForeign()
+	if k.backend == "nftables" {
+		n.loadForeignNFT()
+	}
+	first, err := k.observe(n)
+	if err != nil {
+		t.Fatal(err)
+	}
 	foreignBefore := map[hostport.Family]string{}
 	for _, f := range hostport.Families {
-		foreignBefore[f] = foreignText(n.mustObserve(f).raw)
+		foreignBefore[f] = first.foreign(f)
 	}
 
 	const net1, net2 = "storm", "storm-b"
@@ -153,7 +178,7 @@ func TestStorm(t *testing.T) {
 		// conflictPolicy force: the contenders' pods all live, and the storm is about locks
 		// and transactions; the live-owner rule has its own tests (test/e2e/takeover).
 		return &attachment{Name: name, Network: network, ID: "storm-" + name,
-			IP4: stormPrefix + strconv.Itoa(host) + "/24", Maps: maps, Policy: "force"}
+			IP4: stormPrefix + strconv.Itoa(host) + "/24", Maps: maps, Policy: "force", Backend: k.backend}
 	}
 	for g, size := range groupSizes {
 		port := 20001 + g
@@ -265,9 +290,12 @@ func TestStorm(t *testing.T) {
 	}
 
 	// The model. Contested ports: one contender holds each (which one is the storm's choice).
-	o := n.mustObserve(hostport.V4)
+	o, err := k.observe(n)
+	if err != nil {
+		t.Fatal(err)
+	}
 	want := holdings{}
-	kernel := kernelHoldings(o.s)
+	kernel := o.holdings(hostport.V4)
 	for g := range groupSizes {
 		port := 20001 + g
 		key := "tcp/" + strconv.Itoa(port)
@@ -295,23 +323,27 @@ func TestStorm(t *testing.T) {
 	}
 	want[survivors[5].chain()] = map[string]bool{survivors[5].Maps[0].key(): true}
 
-	for _, p := range verify(o, want, byChain) {
+	for _, p := range o.verify(hostport.V4, want, byChain) {
 		t.Error(p)
 	}
-	for _, d := range dels {
-		if strings.Contains(o.raw, d.chain()) {
-			t.Errorf("DELeted %s: chain %s still in the table", d.Name, d.chain())
+	if k.backend != "" {
+		for _, p := range o.verify(hostport.V6, holdings{}, byChain) {
+			t.Error(p)
 		}
 	}
-	for _, f := range hostport.Families {
-		obs := o
-		if f == hostport.V6 {
-			obs = n.mustObserve(f)
-			if strings.Contains(obs.raw, hostport.ChainPrefix) {
-				t.Errorf("IPv6 table gained CNI-DN chains (no pod has IPv6):\n%s", obs.raw)
-			}
+	for _, d := range dels {
+		if raw := o.dump(); strings.Contains(raw, d.chain()) || strings.Contains(raw, strconv.Quote(nftables.OwnerComment(d.owner()))) {
+			t.Errorf("DELeted %s: chain %s or its elements still in the table", d.Name, d.chain())
 		}
-		if got := foreignText(obs.raw); got != foreignBefore[f] {
+	}
+	if ipt, ok := o.(iptSnapshot); ok && strings.Contains(ipt[hostport.V6].raw, hostport.ChainPrefix) {
+		t.Errorf("IPv6 table gained CNI-DN chains (no pod has IPv6):\n%s", ipt[hostport.V6].raw)
+	}
+	if h := o.holdings(hostport.V6); len(h) > 0 {
+		t.Errorf("IPv6 claims (no pod has IPv6): %s", h.describe(byChain))
+	}
+	for _, f := range hostport.Families {
+		if got := o.foreign(f); got != foreignBefore[f] {
 			t.Errorf("%s foreign rules changed:\nbefore\n%s\nafter\n%s", f, foreignBefore[f], got)
 		}
 	}
@@ -354,7 +386,7 @@ func TestStorm(t *testing.T) {
 		}
 	}
 	if t.Failed() {
-		t.Logf("nat table after the storm:\n%s", o.raw)
+		t.Logf("table after the storm:\n%s", o.dump())
 	}
 	t.Logf("storm: %d calls (%d ADD, %d DEL) in %s, slowest call %s; %d ports answered by their holder; "+
 		"setup %s (%d pods), preload %d ADDs %s, probes %s, total %s",

@@ -87,9 +87,11 @@ func OwnerComment(o hostport.Owner) string {
 	return hashPrefix + hex.EncodeToString(sum[:])
 }
 
-// ParseOwner reads an element comment; ok is false for hashes and foreign comments.
+// ParseOwner reads an element comment; ok is false for hashes and foreign comments, so an
+// owner it returns is one whose OwnerComment is c (a plain comment longer than
+// nft.MaxComment is another writer's: portguard names such an owner by its hash).
 func ParseOwner(c string) (hostport.Owner, bool) {
-	if strings.HasPrefix(c, hashPrefix) {
+	if strings.HasPrefix(c, hashPrefix) || len(c) > nft.MaxComment {
 		return hostport.Owner{}, false
 	}
 	n, id, ok := strings.Cut(c, "/")
@@ -176,17 +178,34 @@ func decodeElement(f hostport.Family, hostIP bool, e nft.Elem) (Element, error) 
 	if len(k) != want || len(e.Data) != w+4 {
 		return Element{}, fmt.Errorf("element of %d/%d bytes in a %s map", len(k), len(e.Data), f)
 	}
+	c := decodeKey(f, hostIP, k)
+	// Portguard writes the unspecified address to the wildcard map, never to the host IP
+	// map: read as a wildcard claim, such an element (another writer's) would be named by a
+	// key of the other map, and a deletion of it would fail every time.
+	if hostIP && c.HostIP.IsUnspecified() {
+		return Element{}, fmt.Errorf("element with host IP %s in the %s host IP map", c.HostIP, f)
+	}
+	a, _ := addrFrom(e.Data[:w])
+	out := Element{Claim: c, Dest: netip.AddrPortFrom(a, binary.BigEndian.Uint16(e.Data[w:w+2])), Comment: e.Comment}
+	out.Owner, _ = ParseOwner(e.Comment)
+	return out, nil
+}
+
+// decodeKey reads a claim back from a map key of the right length (hostIP: with the
+// address first).
+func decodeKey(f hostport.Family, hostIP bool, k []byte) hostport.Claim {
 	c := hostport.Claim{Family: f}
 	if hostIP {
+		w := 4
+		if f == hostport.V6 {
+			w = 16
+		}
 		c.HostIP, _ = addrFrom(k[:w])
 		k = k[w:]
 	}
 	c.Proto = protoName(k[0])
 	c.HostPort = int(binary.BigEndian.Uint16(k[4:6]))
-	a, _ := addrFrom(e.Data[:w])
-	out := Element{Claim: c, Dest: netip.AddrPortFrom(a, binary.BigEndian.Uint16(e.Data[w:w+2])), Comment: e.Comment}
-	out.Owner, _ = ParseOwner(e.Comment)
-	return out, nil
+	return c
 }
 
 func (e Element) elem() nft.Elem {

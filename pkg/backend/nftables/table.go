@@ -86,6 +86,10 @@ type Tx struct {
 	delIpt  []nft.Op // iptables-format claims taken over (RemoveIptables)
 
 	addSubnets []netip.Prefix
+
+	// Repair only (observe.go): orphan gate elements and conditions chains.
+	delGates  []GateElement
+	delChains []string
 }
 
 // Begin starts a transaction at the current ruleset generation.

@@ -235,7 +235,8 @@ func (tx *Tx) guardOps() ([]nft.Op, error) {
 
 // Empty reports whether the transaction changes nothing.
 func (tx *Tx) Empty() bool {
-	return len(tx.delNAT)+len(tx.addNAT)+len(tx.delMasq)+len(tx.addMasq)+len(tx.delUp)+len(tx.delIpt)+len(tx.addSubnets) == 0
+	return len(tx.delNAT)+len(tx.addNAT)+len(tx.delMasq)+len(tx.addMasq)+len(tx.delUp)+len(tx.delIpt)+len(tx.addSubnets)+
+		len(tx.delGates)+len(tx.delChains) == 0
 }
 
 // Commit applies the transaction as one netlink batch, checked against Begin's generation:
@@ -310,6 +311,7 @@ func (tx *Tx) Commit() error {
 		return err
 	}
 	ops = append(ops, gdel...)
+	ops = append(ops, tx.repairOps()...)
 	mdel, morder := masqBySet(tx.delMasq)
 	for _, s := range morder {
 		ops = append(ops, nft.DeleteElems(inet, TableName, s, mdel[s]...)...)
