@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/portguard/portguard/pkg/backend/nftables"
-	"github.com/portguard/portguard/pkg/cnicache"
-	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
 	"github.com/portguard/portguard/pkg/liveness"
 	"github.com/portguard/portguard/pkg/nftaudit"
@@ -64,14 +62,7 @@ func (s *nftSide) Close() { s.t.Close() }
 // knownOwners are the owners portguard recorded and the libcni cache holds: what an
 // element comment that is a hash can be matched against.
 func knownOwners(j *liveness.Judge) nftaudit.Resolve {
-	var known []hostport.Owner
-	for _, r := range j.Records.All() {
-		known = append(known, r.Owner)
-	}
-	for _, d := range j.CacheDirs {
-		known = append(known, cnicache.Owners(d, "")...)
-	}
-	return nftaudit.Resolver(known)
+	return nftaudit.Resolver(j.KnownOwners())
 }
 
 // filterFamilies keeps the family audits ff selects.
@@ -134,8 +125,11 @@ func auditNode(r iptables.Runner, ff *familyFlag, bf *backendFlag) (plan.AuditRe
 	return plan.NewAuditReport(append(append(fas, unavailable...), nfas...)), nil
 }
 
-// auditNFT is the nftables part of auditNode (ipt: the iptables families, for split claims).
-func auditNFT(ipt []plan.FamilyAudit, ff *familyFlag, bf *backendFlag, j *liveness.Judge) ([]plan.FamilyAudit, error) {
+// selectedNFT observes the nftables side when bf selects it: nil (and no error) when it is
+// not selected, or, unless --backend names it, when nf_tables does not answer (the node cannot
+// have the backend) or neither portguard's nor upstream's tables are in use. The caller
+// closes a side it gets.
+func selectedNFT(bf *backendFlag) (*nftSide, error) {
 	if !bf.nftables() {
 		return nil, nil
 	}
@@ -144,12 +138,22 @@ func auditNFT(ipt []plan.FamilyAudit, ff *familyFlag, bf *backendFlag, j *livene
 		if bf.explicit() {
 			return nil, envError{fmt.Errorf("nftables: %w", err)}
 		}
-		return nil, nil // nf_tables unusable: the node cannot have the nftables backend
-	}
-	defer side.Close()
-	if !nftaudit.InUse(side.obs) && !bf.explicit() {
 		return nil, nil
 	}
+	if !nftaudit.InUse(side.obs) && !bf.explicit() {
+		side.Close()
+		return nil, nil
+	}
+	return side, nil
+}
+
+// auditNFT is the nftables part of auditNode (ipt: the iptables families, for split claims).
+func auditNFT(ipt []plan.FamilyAudit, ff *familyFlag, bf *backendFlag, j *liveness.Judge) ([]plan.FamilyAudit, error) {
+	side, err := selectedNFT(bf)
+	if side == nil || err != nil {
+		return nil, err
+	}
+	defer side.Close()
 	return filterFamilies(nftaudit.Audit(side.obs, ipt, j, knownOwners(j)), ff), nil
 }
 

@@ -38,19 +38,9 @@ func iptAudits(states []*state.State, j *liveness.Judge) []plan.FamilyAudit {
 // planNFT observes the nftables side and plans its repair; nil when the backend is not
 // selected, or (unless named by --backend) not in use or nf_tables does not answer.
 func planNFT(bf *backendFlag, ipt []plan.FamilyAudit, keep map[hostport.Owner]bool, j *liveness.Judge, scope plan.RepairScope) (*nftRepair, error) {
-	if !bf.nftables() {
-		return nil, nil
-	}
-	side, err := observeNFT()
-	if err != nil {
-		if bf.explicit() {
-			return nil, envError{fmt.Errorf("nftables: %w", err)}
-		}
-		return nil, nil
-	}
-	if !nftaudit.InUse(side.obs) && !bf.explicit() {
-		side.Close()
-		return nil, nil
+	side, err := selectedNFT(bf)
+	if side == nil || err != nil {
+		return nil, err
 	}
 	p, err := nftaudit.PlanRepair(side.tx, side.obs, ipt, keep, j, knownOwners(j), scope)
 	if err != nil {

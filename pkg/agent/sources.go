@@ -9,7 +9,6 @@ import (
 
 	iptbackend "github.com/portguard/portguard/pkg/backend/iptables"
 	nftbackend "github.com/portguard/portguard/pkg/backend/nftables"
-	"github.com/portguard/portguard/pkg/cnicache"
 	"github.com/portguard/portguard/pkg/engine"
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/iptables"
@@ -131,14 +130,7 @@ func (s *NFTables) Name() string { return metrics.BackendNFTables }
 // resolver matches hashed element comments against the owners portguard recorded and the
 // libcni cache holds (as portguardctl does).
 func resolver(j *liveness.Judge) nftaudit.Resolve {
-	var known []hostport.Owner
-	for _, r := range j.Records.All() {
-		known = append(known, r.Owner)
-	}
-	for _, d := range j.CacheDirs {
-		known = append(known, cnicache.Owners(d, "")...)
-	}
-	return nftaudit.Resolver(known)
+	return nftaudit.Resolver(j.KnownOwners())
 }
 
 // Observe implements Source. nf_tables not answering, or neither portguard's nor upstream's

@@ -91,6 +91,21 @@ func New(extra ...string) *Judge {
 	return &Judge{Records: Store{Dir: StateDir()}, CacheDirs: dirs}
 }
 
+// KnownOwners lists every owner the evidence names: portguard's records, then the owners of
+// every libcni cache entry (in CacheDirs order; an owner may appear more than once). It is
+// what an nftables element comment that is a hash (owners over 128 bytes) can be matched
+// against.
+func (j *Judge) KnownOwners() []hostport.Owner {
+	var known []hostport.Owner
+	for _, r := range j.Records.All() {
+		known = append(known, r.Owner)
+	}
+	for _, d := range j.CacheDirs {
+		known = append(known, cnicache.Owners(d, "")...)
+	}
+	return known
+}
+
 // sandbox is one record of where an attachment lives.
 type sandbox struct {
 	source, netns, ifName string
