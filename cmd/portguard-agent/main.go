@@ -184,7 +184,7 @@ func run(args []string, stderr io.Writer) int {
 	}
 	if o.pluginLog != "" {
 		pl := &agent.PluginLog{Path: o.pluginLog,
-			OnEvent: func(ev string) { m.PluginEvents.WithLabelValues(ev).Inc() },
+			OnEvent: m.CountPluginEvent,
 			OnError: func(err error) {
 				m.Errors.WithLabelValues("plugin-log").Inc()
 				eventlog.Event(log, slog.LevelWarn, "error", slog.String("kind", "plugin-log"), slog.String("error", err.Error()))

@@ -301,7 +301,12 @@ func (a *Agent) decide(src Source, claims []Claim, j *liveness.Judge, sandboxes 
 	var out []candidate
 	for _, o := range order {
 		cd := byOwner[o]
-		if cd.reason == "" && a.sandboxGone(o, sandboxes, now) && allStale(cd.claims) {
+		// Collect removes every claim of the owner in this backend, so one claim judged
+		// alive or unjudgeable (the verdict is per destination) vetoes either reason.
+		if !allStale(cd.claims) {
+			continue
+		}
+		if cd.reason == "" && a.sandboxGone(o, sandboxes, now) {
 			cd.reason = ReasonSandboxGone
 		}
 		if cd.reason != "" {

@@ -41,7 +41,7 @@ func NewMetrics() *Metrics {
 		Suspects: prometheus.NewGauge(prometheus.GaugeOpts{Name: "portguard_agent_unknown_sandbox_owners",
 			Help: "Owners of claims whose container ID the runtime does not list (removed once seen so twice an interval apart and stale)."}),
 		PluginEvents: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "portguard_plugin_events_total",
-			Help: "Events in the plugin's logFile since the agent started, by event (takeover, refused, gc, ...)."}, []string{"event"}),
+			Help: "Events in the plugin's logFile since the agent started, by event (takeover, refused, gc; other for any other name)."}, []string{"event"}),
 	}
 	for _, r := range []string{ReasonSandboxGone, ReasonAddressReused} {
 		m.Removals.WithLabelValues(r)
@@ -49,7 +49,7 @@ func NewMetrics() *Metrics {
 	for _, k := range []string{"observe", "runtime", "remove", "plugin-log"} {
 		m.Errors.WithLabelValues(k)
 	}
-	for _, e := range []string{"takeover", "refused", "gc"} {
+	for _, e := range PluginEventNames {
 		m.PluginEvents.WithLabelValues(e)
 	}
 	m.registerables = []prometheus.Collector{m.Audit, m.Removals, m.Errors, m.PassDuration, m.LastSuccess,
@@ -65,4 +65,19 @@ func (m *Metrics) Register(r prometheus.Registerer) error {
 		}
 	}
 	return nil
+}
+
+// PluginEventNames are the events the plugin writes to its logFile; CountPluginEvent counts
+// any other name as "other", so a hostile or garbled line cannot grow the label set.
+var PluginEventNames = []string{"takeover", "refused", "gc"}
+
+// CountPluginEvent counts one plugin logFile event by name (PluginEventNames, else "other").
+func (m *Metrics) CountPluginEvent(name string) {
+	for _, e := range PluginEventNames {
+		if e == name {
+			m.PluginEvents.WithLabelValues(e).Inc()
+			return
+		}
+	}
+	m.PluginEvents.WithLabelValues("other").Inc()
 }

@@ -4,6 +4,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // The follower counts only lines appended after it started, keeps a half-written line until
@@ -69,5 +71,23 @@ func TestPluginLogFollowsRotation(t *testing.T) {
 	other.Poll()
 	if counts["late"] != 1 {
 		t.Fatalf("a log created after the start: %v", counts)
+	}
+}
+
+// A plugin logFile event name outside the plugin's own is counted as "other": the label set
+// stays bounded whatever a line holds.
+func TestCountPluginEventBoundsLabels(t *testing.T) {
+	m := NewMetrics()
+	m.CountPluginEvent("takeover")
+	m.CountPluginEvent("x\nanything")
+	m.CountPluginEvent("another")
+	if v := testutil.ToFloat64(m.PluginEvents.WithLabelValues("takeover")); v != 1 {
+		t.Errorf("takeover counted %v, want 1", v)
+	}
+	if v := testutil.ToFloat64(m.PluginEvents.WithLabelValues("other")); v != 2 {
+		t.Errorf("other counted %v, want 2", v)
+	}
+	if n := testutil.CollectAndCount(m.PluginEvents); n != len(PluginEventNames)+1 {
+		t.Errorf("%d label values, want %d", n, len(PluginEventNames)+1)
 	}
 }

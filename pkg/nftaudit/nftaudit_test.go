@@ -160,3 +160,30 @@ func TestRepairIPTablesSplit(t *testing.T) {
 		t.Errorf("live iptables owner: %+v", p)
 	}
 }
+
+// An element whose hashed comment no record resolves has an owner that cannot be judged: it
+// ranks with live owners, so a live upstream claimant of its port does not get it removed
+// (both are left alone and reported).
+func TestRepairKeepsUnjudgeableElement(t *testing.T) {
+	o := observed()
+	o.Dump.Claims[0].Owner = hostport.Owner{}
+	o.Dump.Claims[0].Comment = "sha256:0123456789abcdef"
+	p, err := PlanRepair(&nftables.Tx{}, o, nil, nil, judge{upOwner: true}, nil, plan.RepairScope{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a := actions(p); strings.Contains(a, "delete element") {
+		t.Errorf("an unjudgeable owner's element was removed:\n%s", a)
+	}
+}
+
+// A comment read from the kernel reaches repair's actions verbatim only when it is printable:
+// a newline must not start a line of its own in what --dry-run prints as nft syntax.
+func TestPrintableQuotesControlCharacters(t *testing.T) {
+	if got := printable("net/c1"); got != "net/c1" {
+		t.Errorf("printable(net/c1) = %q", got)
+	}
+	if got := printable("x\nflush ruleset"); strings.Contains(got, "\n") || !strings.HasPrefix(got, `"`) {
+		t.Errorf("printable kept a raw newline: %q", got)
+	}
+}

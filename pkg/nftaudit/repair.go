@@ -4,6 +4,9 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strconv"
+	"strings"
+	"unicode"
 
 	"github.com/portguard/portguard/pkg/backend/nftables"
 	"github.com/portguard/portguard/pkg/hostport"
@@ -127,7 +130,7 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 				why += ", the port stays with " + keptFor.String()
 			}
 			p.Actions = append(p.Actions, fmt.Sprintf("delete element inet %s %s { %s }  # %s -> %s (%s)",
-				nftables.TableName, c.elem.Map(), nftables.KeyText(c.claim), c.elem.Comment, c.dest, why))
+				nftables.TableName, c.elem.Map(), nftables.KeyText(c.claim), printable(c.elem.Comment), c.dest, why))
 			if c.elem.Gate != "" {
 				p.Actions = append(p.Actions, fmt.Sprintf("delete element inet %s gate%s { %s }  # its conditions gate (jump %s)",
 					nftables.TableName, c.elem.Map(), nftables.KeyText(c.claim), c.elem.Gate))
@@ -164,7 +167,11 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 			switch {
 			case keeps(c):
 				t = tierKept
-			case j != nil && !c.owner.IsZero() && j.Owner(c.owner, c.dest.Addr()).State != liveness.Stale:
+			case c.owner.IsZero():
+				// A hashed comment no record resolves: its owner cannot be judged, so it
+				// ranks with live owners (never removed on a guess).
+				t = tierLive
+			case j != nil && j.Owner(c.owner, c.dest.Addr()).State != liveness.Stale:
 				t = tierLive
 			}
 			pref, ord := 0, i
@@ -323,12 +330,12 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 				ow, _ = res(m.Comment)
 			}
 			if scope.Port != 0 || !ownerIn(ow, false) {
-				p.Skipped = append(p.Skipped, fmt.Sprintf("%s: masquerade entry of %s for %s; left alone (outside %s)", f, m.Comment, m.PodIP, scope))
+				p.Skipped = append(p.Skipped, fmt.Sprintf("%s: masquerade entry of %s for %s; left alone (outside %s)", f, printable(m.Comment), m.PodIP, scope))
 				continue
 			}
 			tx.RemoveMasq(m)
 			p.Actions = append(p.Actions, fmt.Sprintf("delete element inet %s %s { %s }  # masquerade of %s: no claim of its owner left (%s)",
-				nftables.TableName, m.Map(), m.PodIP, m.Comment, plan.KindOrphanMasquerade))
+				nftables.TableName, m.Map(), m.PodIP, printable(m.Comment), plan.KindOrphanMasquerade))
 		}
 		for _, g := range o.OrphanGates {
 			if g.Claim.Family != f {
@@ -336,13 +343,13 @@ func PlanRepair(tx *nftables.Tx, o nftables.Observed, ipt []plan.FamilyAudit, ke
 			}
 			ow, _ := nftables.ParseOwner(g.Comment)
 			if !portIn(g.Claim) || !ownerIn(ow, false) {
-				p.Skipped = append(p.Skipped, fmt.Sprintf("%s: orphan gate of %s (%s); left alone (outside %s)", f, g.Comment, g.Claim, scope))
+				p.Skipped = append(p.Skipped, fmt.Sprintf("%s: orphan gate of %s (%s); left alone (outside %s)", f, printable(g.Comment), g.Claim, scope))
 				continue
 			}
 			tx.RemoveGates(g)
 			gatesGone[g.Map()+nftables.KeyText(g.Claim)] = true
 			p.Actions = append(p.Actions, fmt.Sprintf("delete element inet %s %s { %s }  # gate of %s without its claim (%s)",
-				nftables.TableName, g.Map(), nftables.KeyText(g.Claim), g.Comment, plan.KindOrphanGate))
+				nftables.TableName, g.Map(), nftables.KeyText(g.Claim), printable(g.Comment), plan.KindOrphanGate))
 		}
 	}
 	// Conditions chains no gate will jump to once the batch is in: the orphans observed,
@@ -425,4 +432,14 @@ func destAddr(s string) netip.Addr {
 		return netip.Addr{}
 	}
 	return ap.Addr()
+}
+
+// printable returns a comment read from the kernel as it is when every rune is printable,
+// quoted (strconv.Quote) otherwise: another writer's comment with a newline must not start
+// a line of its own in repair's actions, which --dry-run documents as nft syntax.
+func printable(s string) string {
+	if strings.IndexFunc(s, func(r rune) bool { return !unicode.IsPrint(r) }) < 0 {
+		return s
+	}
+	return strconv.Quote(s)
 }

@@ -78,7 +78,9 @@ func (tx *Tx) Upstream() ([]UpstreamRule, error) {
 
 func decodeUpstream(f hostport.Family, chain string, r *gnft.Rule) (UpstreamRule, bool) {
 	id, ok := userdata.GetString(r.UserData, userdata.TypeComment)
-	if !ok || id == "" {
+	// Upstream's comment is the container ID, which the CNI grammar limits; anything else is
+	// not upstream's rule (and must not reach repair's output or a log as an owner).
+	if !ok || !hostport.ValidContainerID(id) {
 		return UpstreamRule{}, false
 	}
 	u := UpstreamRule{Family: f, Chain: chain, Handle: r.Handle, ContainerID: id, Claim: hostport.Claim{Family: f}}
