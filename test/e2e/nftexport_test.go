@@ -80,23 +80,7 @@ func TestNFTExportToUpstreamNFTables(t *testing.T) {
 	}
 	b.InstallPlugin("portguard", tb.PortguardBinary(t))
 
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	tries, misses := watch("tcp", b.Client, b.NodeIP4.String(), 8100, "A", stop, &wg)
-	time.Sleep(300 * time.Millisecond)
-	res, code := ctl(t, b, "export", "--to", "portmap-nftables")
-	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	wg.Wait()
-	if code != 0 {
-		t.Fatalf("export: exit %d\n%s%s", code, res.Stdout, res.Stderr)
-	}
-	if m := misses.Load(); m != 0 || tries.Load() < 3 {
-		t.Errorf("during the export %d of %d connections failed", m, tries.Load())
-	}
-	if out, err := b.Exec(b.Node, "nft", "list", "table", "inet", "portguard"); err == nil {
-		t.Errorf("portguard's table is still there:\n%s", out)
-	}
+	exportWhileConnecting(t, b, b.NodeIP4.String(), "portmap-nftables")
 	for _, f := range families {
 		expectAnswer(t, "tcp", b.Client, b.NodeIP(f).String(), 8100, "A")
 		expectAnswer(t, "udp", b.Client, b.NodeIP(f).String(), 8101, "A")
@@ -149,23 +133,7 @@ func TestNFTExportToUpstreamIPTables(t *testing.T) {
 	t.Parallel()
 	b, n, a, _ := exportBed(t)
 	foreign := foreignTables(t, b)
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	tries, misses := watch("tcp", b.Client, b.NodeIP6.String(), 8100, "A", stop, &wg)
-	time.Sleep(300 * time.Millisecond)
-	res, code := ctl(t, b, "export", "--to", "portmap-iptables")
-	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	wg.Wait()
-	if code != 0 {
-		t.Fatalf("export: exit %d\n%s%s", code, res.Stdout, res.Stderr)
-	}
-	if m := misses.Load(); m != 0 || tries.Load() < 3 {
-		t.Errorf("during the export %d of %d connections failed", m, tries.Load())
-	}
-	if out, err := b.Exec(b.Node, "nft", "list", "table", "inet", "portguard"); err == nil {
-		t.Errorf("portguard's table is still there:\n%s", out)
-	}
+	exportWhileConnecting(t, b, b.NodeIP6.String(), "portmap-iptables")
 	for _, f := range families {
 		if got := jumpsTo(b, f, a.Chain(n)); len(got) == 0 {
 			t.Errorf("%s: no jump to %s (upstream's chain name of A)", f, a.Chain(n))
@@ -199,5 +167,29 @@ func TestNFTExportToUpstreamIPTables(t *testing.T) {
 	expectAnswer(t, "tcp", b.Client, b.NodeIP4.String(), 8102, "B")
 	if got := foreignTables(t, b); got != foreign {
 		t.Errorf("foreign tables changed by the export:\n%s\n---\n%s", foreign, got)
+	}
+}
+
+// exportWhileConnecting runs `portguardctl export --to to` while a client keeps connecting to
+// addr:8100 (pod A): the export must succeed, no connection may fail during it, and
+// portguard's table must be gone afterwards.
+func exportWhileConnecting(t *testing.T, b *tb.Bed, addr, to string) {
+	t.Helper()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	tries, misses := watch("tcp", b.Client, addr, 8100, "A", stop, &wg)
+	time.Sleep(300 * time.Millisecond)
+	res, code := ctl(t, b, "export", "--to", to)
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if code != 0 {
+		t.Fatalf("export: exit %d\n%s%s", code, res.Stdout, res.Stderr)
+	}
+	if m := misses.Load(); m != 0 || tries.Load() < 3 {
+		t.Errorf("during the export %d of %d connections failed", m, tries.Load())
+	}
+	if out, err := b.Exec(b.Node, "nft", "list", "table", "inet", "portguard"); err == nil {
+		t.Errorf("portguard's table is still there:\n%s", out)
 	}
 }

@@ -53,6 +53,22 @@ func ownNetns(b testing.TB) ns.NetNS {
 	return h
 }
 
+// ensuredTable opens portguard's table with its layout in a namespace of its own
+// (ownNetns), closed at cleanup; it returns the namespace too, for reads from inside it.
+func ensuredTable(tb testing.TB) (ns.NetNS, *Table) {
+	tb.Helper()
+	h := ownNetns(tb)
+	var t *Table
+	if err := h.Do(func(ns.NetNS) (err error) { t, err = Open(); return err }); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { t.Close() })
+	if _, err := t.Ensure(); err != nil {
+		tb.Fatal(err)
+	}
+	return h, t
+}
+
 // benchAttachment is attachment i: host port 10000+i (tcp, both families) to pod addresses
 // 10.200.i/16 and fd00:200::i/64, port 80, with snat's masquerade entries.
 func benchAttachment(i int) (Attachment, []hostport.Claim, []netip.Addr) {
@@ -69,15 +85,7 @@ func benchAttachment(i int) (Attachment, []hostport.Claim, []netip.Addr) {
 }
 
 func benchVerbs(b *testing.B, n int) {
-	h := ownNetns(b)
-	var t *Table
-	if err := h.Do(func(ns.NetNS) (err error) { t, err = Open(); return err }); err != nil {
-		b.Fatal(err)
-	}
-	defer t.Close()
-	if _, err := t.Ensure(); err != nil {
-		b.Fatal(err)
-	}
+	_, t := ensuredTable(b)
 	prefill(b, t, n)
 	a, cs, pods := benchAttachment(n + 1)
 	var add, del, look, addCommit, delCommit time.Duration

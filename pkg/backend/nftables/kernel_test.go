@@ -569,15 +569,7 @@ func TestKernelLargeBatches(t *testing.T) {
 		t.Skip("needs root")
 	}
 	t.Parallel()
-	h := ownNetns(t)
-	var tab *Table
-	if err := h.Do(func(ns.NetNS) (err error) { tab, err = Open(); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer tab.Close()
-	if _, err := tab.Ensure(); err != nil {
-		t.Fatal(err)
-	}
+	_, tab := ensuredTable(t)
 	start := time.Now()
 	prefill(t, tab, 5000)
 	t.Logf("created 5,000 attachments in one batch in %v", time.Since(start))
@@ -627,15 +619,7 @@ func TestKernelGoldenElements(t *testing.T) {
 		t.Skip("needs root")
 	}
 	t.Parallel()
-	h := ownNetns(t)
-	var tab *Table
-	if err := h.Do(func(ns.NetNS) (err error) { tab, err = Open(); return err }); err != nil {
-		t.Fatal(err)
-	}
-	defer tab.Close()
-	if _, err := tab.Ensure(); err != nil {
-		t.Fatal(err)
-	}
+	h, tab := ensuredTable(t)
 	o1 := hostport.Owner{Network: "net1", ContainerID: "c1"}
 	o2 := hostport.Owner{Network: "net2", ContainerID: strings.Repeat("c", 130)}
 	tx, _ := tab.Begin()

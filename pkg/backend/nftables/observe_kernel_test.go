@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-
 	"github.com/portguard/portguard/pkg/hostport"
 	"github.com/portguard/portguard/pkg/nftcond"
 	"github.com/portguard/portguard/test/testbed"
@@ -140,15 +138,7 @@ func BenchmarkObserve(b *testing.B) {
 	}
 	for _, n := range []int{1000, 5000} {
 		b.Run(fmt.Sprintf("N=%d", n), func(b *testing.B) {
-			h := ownNetns(b)
-			var t *Table
-			if err := h.Do(func(ns.NetNS) (err error) { t, err = Open(); return err }); err != nil {
-				b.Fatal(err)
-			}
-			defer t.Close()
-			if _, err := t.Ensure(); err != nil {
-				b.Fatal(err)
-			}
+			_, t := ensuredTable(b)
 			prefill(b, t, n)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
